@@ -1,0 +1,173 @@
+//! `selftest`: a small EL1 guest that checks what the hypervisor offers
+//! (DT, PSCI/SMCCC, SMP, RAM, FP/SIMD state, MMIO emulation, stage-2 aborts)
+//! and prints one marker line per check:
+//!
+//! ```text
+//! selftest: start (vcpus=N, ram=0x...+0x..., bootargs="...")
+//! selftest: PASS <name>  |  selftest: FAIL <name>: <reason>
+//! selftest: ALL PASS (<n> checks)     -> PSCI SYSTEM_OFF
+//! selftest: <k> FAILED                -> PSCI SYSTEM_RESET
+//! selftest: PANIC: <message> at <file>:<line>          -> SYSTEM_RESET
+//! selftest: UNEXPECTED EXCEPTION esr=0x.. far=0x.. elr=0x..  -> SYSTEM_RESET
+//! ```
+//!
+//! Bootargs (`/chosen/bootargs`, whitespace separated):
+//! * `selftest.tests=all` (default): the standard checks;
+//! * `selftest.tests=abort`: the standard checks plus the abort checks;
+//! * `selftest.panic`: panic right after the banner (a guest panic must fail
+//!   the run);
+//! * `selftest.bare`: running without the hypervisor (smoke test on bare
+//!   QEMU, whose built-in PSCI lacks SMCCC_VERSION and where `smc` is
+//!   undefined): skips the `smccc-version` and `psci-smc` checks.
+//!
+//! Smoke test on bare QEMU (no hypervisor; the guest itself runs at EL1 and
+//! QEMU implements PSCI over `hvc`). QEMU loads an Image at RAM base + 2 MiB,
+//! so link it there (see `build.rs`):
+//!
+//! ```text
+//! SELFTEST_LINK_BASE=0x40200000 cargo build -p selftest --target aarch64-unknown-none --release
+//! llvm-objcopy -O binary target/aarch64-unknown-none/release/selftest selftest.bin
+//! qemu-system-aarch64 -M virt,gic-version=3 -cpu max -smp 4 -m 128M -nographic \
+//!     -no-reboot -kernel selftest.bin -append selftest.bare
+//! ```
+//!
+//! `ALL PASS` then SYSTEM_OFF makes QEMU exit with status 0.
+
+#![cfg_attr(selftest_guest, no_std, no_main)]
+
+#[cfg(selftest_guest)]
+mod arch;
+#[cfg(selftest_guest)]
+mod boot;
+#[cfg(selftest_guest)]
+mod checks;
+#[cfg(selftest_guest)]
+mod console;
+#[cfg(selftest_guest)]
+mod dt;
+#[cfg(selftest_guest)]
+mod exception;
+#[cfg(selftest_guest)]
+mod psci;
+#[cfg(selftest_guest)]
+mod report;
+
+#[cfg(selftest_guest)]
+mod guest {
+    use core::panic::PanicInfo;
+
+    use crate::console::println;
+    use crate::report::{Msg, Report};
+    use crate::{boot, checks, dt, psci};
+
+    /// What the bootargs ask for.
+    #[derive(Default)]
+    struct Config<'a> {
+        aborts: bool,
+        panic: bool,
+        bare: bool,
+        /// An unknown `selftest.tests=` value.
+        bad_tests: Option<&'a str>,
+    }
+
+    impl<'a> Config<'a> {
+        fn parse(bootargs: &'a str) -> Self {
+            let mut cfg = Config::default();
+            for word in bootargs.split_ascii_whitespace() {
+                if let Some(tests) = word.strip_prefix("selftest.tests=") {
+                    match tests {
+                        "all" => cfg.aborts = false,
+                        "abort" => cfg.aborts = true,
+                        other => cfg.bad_tests = Some(other),
+                    }
+                } else if word == "selftest.panic" {
+                    cfg.panic = true;
+                } else if word == "selftest.bare" {
+                    cfg.bare = true;
+                }
+            }
+            cfg
+        }
+    }
+
+    /// Rust entry of vCPU 0 (from `boot.rs`: .bss zeroed, stack and MMU set
+    /// up), with the DTB address.
+    #[unsafe(no_mangle)]
+    extern "C" fn selftest_main(dtb: usize) -> ! {
+        let dt = dt::parse(dtb, boot::image_range());
+        let (ncpus, (ram_base, ram_size), bootargs) = match &dt {
+            Ok(dt) => (dt.ncpus, dt.ram.unwrap_or((0, 0)), dt.bootargs),
+            Err(_) => (0, (0, 0), ""),
+        };
+        println!(
+            "selftest: start (vcpus={ncpus}, ram={ram_base:#x}+{ram_size:#x}, bootargs=\"{bootargs}\")"
+        );
+        let cfg = Config::parse(bootargs);
+        if cfg.panic {
+            panic!("deliberate panic requested by selftest.panic");
+        }
+
+        let mut report = Report::new();
+        if let Some(bad) = cfg.bad_tests {
+            report.record(
+                "bootargs",
+                Err(Msg::new(format_args!(
+                    "unknown selftest.tests={bad} (want all or abort)"
+                ))),
+            );
+        }
+        report.record("dtb", checks::dtb(&dt));
+        report.record("psci-version", checks::psci_version());
+        if cfg.bare {
+            report.skip("smccc-version", "selftest.bare");
+        } else {
+            report.record("smccc-version", checks::smccc_version());
+        }
+        report.record("smccc-unknown", checks::smccc_unknown());
+        report.record("psci-features", checks::psci_features());
+        if cfg.bare {
+            report.skip("psci-smc", "selftest.bare");
+        } else {
+            report.record("psci-smc", checks::psci_smc());
+        }
+        match &dt {
+            Ok(dt) => {
+                report.record("smp", checks::smp(dt));
+                report.record("memory", checks::memory(dt));
+            }
+            Err(_) => {
+                let no_dt = || Err(Msg::new(format_args!("no usable DT")));
+                report.record("smp", no_dt());
+                report.record("memory", no_dt());
+            }
+        }
+        report.record("fpsimd", checks::fpsimd());
+        report.record("mmio-emul", checks::mmio_emul());
+        if cfg.aborts {
+            checks::aborts(&mut report, dt.as_ref().ok());
+        }
+        report.finish()
+    }
+
+    #[panic_handler]
+    fn panic(info: &PanicInfo<'_>) -> ! {
+        match info.location() {
+            Some(at) => println!(
+                "selftest: PANIC: {} at {}:{}",
+                info.message(),
+                at.file(),
+                at.line()
+            ),
+            None => println!("selftest: PANIC: {} at <unknown>:0", info.message()),
+        }
+        psci::system_reset()
+    }
+}
+
+/// Host builds (e.g. `cargo build --workspace`) get a stub: the guest only
+/// exists for `--target aarch64-unknown-none`.
+#[cfg(not(selftest_guest))]
+fn main() {
+    eprintln!("selftest is an EL1 guest: build it with --target aarch64-unknown-none");
+    std::process::exit(1);
+}

@@ -1,0 +1,920 @@
+//! Boot flow and the vCPU run loop: from the primary CPU's first Rust instruction to the end of the
+//! run. This is the glue between the portable pieces (device tree, layout, traps, devices) and the
+//! architecture layer.
+//!
+//! Boot: console and logger from the board's early UART, the device tree, the memory plan, the
+//! heap and frame pool, the final EL2 page tables, the GIC and the EL2 timer, the VMs (stage 2,
+//! guest DTB, payload), then every other CPU through PSCI CPU_ON. Each pCPU that a VM owns runs one
+//! vCPU of it until the VM stops; the others park. When the last VM stops, the run ends with a
+//! status that says how (see [`crate::run`]).
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use buddy_system_allocator::LockedHeap;
+use log::{error, info, warn};
+use spin::Once;
+
+use crate::arch::exceptions::{ExitReason, GuestRegs, enter_guest};
+use crate::arch::{boot, gic, mmu, platform, sysreg, vcpu as hw};
+use crate::config::{BoardConfig, ExitMethod, VmConfig};
+use crate::console::{self, Pl011};
+use crate::dt::{self, GuestSpec, Machine};
+use crate::mm::frames::FramePool;
+use crate::mm::layout::{self, Range};
+use crate::mm::pgtable::{Attrs, PageTable, Regime};
+use crate::run::{self, RunTracker, StopReason, VmRunState};
+use crate::trap::{self, AbortKind, GuestExcState, MmioBus, PsciOutcome, Trap, VPsci};
+use crate::vdev::{ConsoleSink, VirtPl011};
+
+mod board {
+    include!(concat!(env!("OUT_DIR"), "/board_config.rs"));
+}
+
+/// The board this image was built for.
+pub fn board() -> &'static BoardConfig {
+    &board::BOARD
+}
+
+#[global_allocator]
+static HEAP: LockedHeap<32> = LockedHeap::empty();
+
+/// Heap for the first allocations (DT parsing), before the pool is known.
+const BOOT_HEAP_SIZE: usize = 256 * 1024;
+#[repr(C, align(4096))]
+struct BootHeap([u8; BOOT_HEAP_SIZE]);
+static mut BOOT_HEAP: BootHeap = BootHeap([0; BOOT_HEAP_SIZE]);
+
+/// Bytes of the pool given to the heap; the rest holds page-table frames.
+const HEAP_SHARE: u64 = 8 << 20;
+const STACK_SIZE: usize = 64 * 1024;
+/// Guest IPA space: 40 bits, covering QEMU virt's 64-bit PCIe window at 512 GiB.
+const IPA_BITS: u32 = 40;
+/// The guest DTB sits at the start of guest RAM, the payload 2 MiB in (Linux boot convention).
+const PAYLOAD_OFFSET: u64 = 2 << 20;
+
+static FRAMES: FramePool = FramePool::new();
+static MACHINE: Once<Machine> = Once::new();
+static VMS: Once<Vec<Vm>> = Once::new();
+static TRACKER: Once<RunTracker> = Once::new();
+static CPUS: Once<Vec<PerCpu>> = Once::new();
+static IMAGE_SUM: AtomicU64 = AtomicU64::new(0);
+static TIMER_FIRED: AtomicBool = AtomicBool::new(false);
+static EARLY_UART: Once<Pl011> = Once::new();
+
+/// One VM: its configuration and everything the hypervisor keeps for it.
+pub struct Vm {
+    pub id: usize,
+    pub config: &'static VmConfig,
+    pub psci: VPsci,
+    pub mmio: MmioBus,
+    pub state: VmRunState,
+    pub console: Option<Arc<VirtPl011>>,
+    pub stage2: hw::Stage2Regs,
+    /// Physical CPU index of each vCPU.
+    pub pcpus: Vec<usize>,
+    /// IPA of the guest DTB and of the payload entry point.
+    pub dtb_ipa: u64,
+    pub entry_ipa: u64,
+}
+
+/// Per physical CPU.
+pub struct PerCpu {
+    pub mpidr: u64,
+    /// (VM index, vCPU index) this pCPU runs, if any.
+    pub owner: Option<(usize, usize)>,
+    pub online: AtomicBool,
+}
+
+/// The guest console lines go to the hypervisor console.
+struct GuestConsoleSink;
+impl ConsoleSink for GuestConsoleSink {
+    fn write_line(&self, line: &str) {
+        console::print_line(format_args!("{line}"));
+    }
+}
+static GUEST_SINK: GuestConsoleSink = GuestConsoleSink;
+
+/// Ends the run: semihosting exit under QEMU, PSCI on hardware.
+pub fn finish(status: u32) -> ! {
+    match board().exit {
+        ExitMethod::Semihosting => platform::semihosting_exit(status),
+        ExitMethod::Psci => {
+            let conduit = psci_conduit();
+            if status == run::EXIT_OK {
+                platform::system_off(conduit);
+            } else {
+                platform::system_reset(conduit);
+            }
+            loop {
+                sysreg::wfe();
+            }
+        }
+    }
+}
+
+fn psci_conduit() -> platform::Conduit {
+    match MACHINE
+        .get()
+        .and_then(|m| m.psci.as_ref())
+        .map(|p| p.method)
+    {
+        Some(dt::Conduit::Hvc) => platform::Conduit::Hvc,
+        _ => platform::Conduit::Smc,
+    }
+}
+
+/// A boot-time error the user must fix: say what, end the run with [`run::EXIT_FATAL`].
+fn fatal(args: core::fmt::Arguments<'_>) -> ! {
+    console::print_line(format_args!("hyp: fatal: {args}"));
+    finish(run::EXIT_FATAL)
+}
+
+fn init_early_console() {
+    if let Some(base) = board().early_console {
+        // SAFETY: the board file names the PL011, which the early identity map covers (device
+        // memory) and the final map keeps.
+        let uart = EARLY_UART.call_once(|| unsafe { Pl011::new(base) });
+        console::init(uart);
+    }
+    console::init_logger(log::LevelFilter::Info);
+}
+
+fn image_checksum(l: &boot::ImageLayout) -> u64 {
+    // FNV-1a over text and rodata, 8 bytes at a time.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut p = l.start;
+    while p < l.rodata_end {
+        // SAFETY: text and rodata are mapped and never written after relocation.
+        let w = unsafe { (p as *const u64).read_volatile() };
+        h = (h ^ w).wrapping_mul(0x100_0000_01b3);
+        p += 8;
+    }
+    h
+}
+
+/// Reads the DTB header's total size, refusing anything that is not a DTB.
+fn dtb_slice(dtb: u64) -> &'static [u8] {
+    // SAFETY: the early map covers 4 MiB from the DTB's 2 MiB block; the header is 40 bytes.
+    let header = unsafe { core::slice::from_raw_parts(dtb as *const u8, 8) };
+    let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+    let size = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as u64;
+    if magic != 0xd00d_feed {
+        fatal(format_args!(
+            "bad device tree: no DTB at {dtb:#x} (magic {magic:#010x}, expected 0xd00dfeed)"
+        ));
+    }
+    if !(40..=(2 << 20)).contains(&size) {
+        fatal(format_args!(
+            "bad device tree: DTB at {dtb:#x} claims {size} bytes (max 2 MiB)"
+        ));
+    }
+    // SAFETY: within the mapped 2 MiB following the header, per the check above.
+    unsafe { core::slice::from_raw_parts(dtb as *const u8, size as usize) }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
+    // SAFETY: the boot heap is used only here, once, before any allocation.
+    unsafe {
+        HEAP.lock()
+            .init(&raw mut BOOT_HEAP as usize, BOOT_HEAP_SIZE)
+    };
+    init_early_console();
+    let b = board();
+    let image = boot::image_layout();
+    info!(
+        "{} {} starting on board {} (image {:#x}..{:#x}, DTB {dtb:#x})",
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_VERSION"),
+        b.name,
+        load_base,
+        image.end
+    );
+    IMAGE_SUM.store(image_checksum(&image), Ordering::Relaxed);
+
+    let blob = dtb_slice(dtb);
+    let machine = match dt::parse(blob) {
+        Ok(m) => MACHINE.call_once(|| m),
+        Err(e) => fatal(format_args!("bad device tree: {e}")),
+    };
+    info!(
+        "machine: {} CPUs, RAM {}, GICv3 at {:#x}, {} SMMU(s)",
+        machine.cpus.len(),
+        machine
+            .memory
+            .iter()
+            .map(|r| alloc::format!("{:#x}+{:#x}", r.base, r.size))
+            .collect::<Vec<_>>()
+            .join(" "),
+        machine.gic.gicd.base,
+        machine.smmus.len()
+    );
+
+    let ram: Vec<Range> = machine
+        .memory
+        .iter()
+        .map(|r| Range::new(r.base, r.size))
+        .collect();
+    let reserved: Vec<Range> = machine
+        .reserved
+        .iter()
+        .map(|r| Range::new(r.base, r.size))
+        .collect();
+    let plan = layout::plan(
+        &ram,
+        &reserved,
+        Range::new(image.start, image.end - image.start),
+        Range::new(dtb, blob.len() as u64),
+        b.hyp_pool_size,
+        b.vms,
+    )
+    .unwrap_or_else(|e| fatal(format_args!("memory layout: {e}")));
+    let pool = plan.pool;
+    build_final_map(machine, &image, &ram, pool);
+    // SAFETY: the pool's first part becomes heap; it is mapped and unused.
+    unsafe {
+        HEAP.lock()
+            .add_to_heap(pool.base as usize, (pool.base + HEAP_SHARE) as usize)
+    };
+    info!(
+        "hypervisor pool {}: heap {} MiB, frames {} MiB",
+        pool,
+        HEAP_SHARE >> 20,
+        (pool.size - HEAP_SHARE) >> 20
+    );
+
+    let gic = gic_layout(machine);
+    gic::init_distributor(&gic);
+    let my_mpidr = sysreg::mpidr();
+    let Some(my_index) = machine.cpus.iter().position(|c| c.mpidr == my_mpidr) else {
+        fatal(format_args!("boot CPU MPIDR {my_mpidr:#x} is not in /cpus"))
+    };
+    init_cpu_interrupts(machine, &gic);
+    check_timer(machine);
+
+    let vms = create_vms(machine, blob);
+    let mut owners: Vec<Option<(usize, usize)>> = alloc::vec![None; machine.cpus.len()];
+    for (vi, vm) in vms.iter().enumerate() {
+        for (v, &p) in vm.pcpus.iter().enumerate() {
+            owners[p] = Some((vi, v));
+        }
+    }
+    CPUS.call_once(|| {
+        machine
+            .cpus
+            .iter()
+            .zip(owners)
+            .map(|(c, owner)| PerCpu {
+                mpidr: c.mpidr,
+                owner,
+                online: AtomicBool::new(false),
+            })
+            .collect()
+    });
+    TRACKER.call_once(|| RunTracker::new(vms.len()));
+    VMS.call_once(|| vms);
+    start_secondaries(machine, my_index);
+    run_cpu(my_index)
+}
+
+fn build_final_map(machine: &Machine, image: &boot::ImageLayout, ram: &[Range], pool: Range) {
+    // The early map does not cover the pool, so these tables come from the boot heap; the pool
+    // is handed to the heap and the frame allocator once they are live.
+    let frames_start = pool.base + HEAP_SHARE;
+    let table_pages = TablePages;
+    let mut t = PageTable::new(&table_pages, Regime::El2, mmu::VA_BITS)
+        .unwrap_or_else(|e| fatal(format_args!("EL2 page tables: {e}")));
+    let map = |t: &mut PageTable<&TablePages>, base: u64, size: u64, attrs: Attrs, what: &str| {
+        if size == 0 {
+            return;
+        }
+        if let Err(e) = t.map(base, base, size, attrs) {
+            fatal(format_args!("EL2 page tables: mapping {what}: {e}"));
+        }
+    };
+    map(
+        &mut t,
+        image.start,
+        image.text_end - image.start,
+        Attrs::RX,
+        "text",
+    );
+    map(
+        &mut t,
+        image.text_end,
+        image.rodata_end - image.text_end,
+        Attrs::RO,
+        "rodata",
+    );
+    map(
+        &mut t,
+        image.rodata_end,
+        image.end - image.rodata_end,
+        Attrs::RW,
+        "data",
+    );
+    for r in ram {
+        // RAM around the image, read/write, never executable.
+        let (lo, hi) = (r.base, r.end());
+        if image.start >= lo && image.end <= hi {
+            map(
+                &mut t,
+                lo,
+                image.start - lo,
+                Attrs::RW,
+                "RAM below the image",
+            );
+            map(
+                &mut t,
+                image.end,
+                hi - image.end,
+                Attrs::RW,
+                "RAM above the image",
+            );
+        } else {
+            map(&mut t, lo, r.size, Attrs::RW, "RAM");
+        }
+    }
+    let mut devices: Vec<(u64, u64)> = Vec::new();
+    devices.push((machine.gic.gicd.base, machine.gic.gicd.size));
+    devices.extend(machine.gic.gicr.iter().map(|r| (r.base, r.size)));
+    if let Some(u) = &machine.uart {
+        devices.push((u.base, u.size.max(0x1000)));
+    }
+    if let Some(base) = board().early_console {
+        devices.push((base, 0x1000));
+    }
+    devices.extend(machine.smmus.iter().map(|s| (s.base, s.size)));
+    if let Some(p) = &machine.pcie {
+        devices.push((p.ecam.base, p.ecam.size));
+    }
+    devices.sort_unstable();
+    devices.dedup();
+    for (base, size) in devices {
+        let lo = base & !0xfff;
+        let hi = (base + size).next_multiple_of(0x1000);
+        if t.map(lo, lo, hi - lo, Attrs::DEVICE).is_ok() {
+            continue;
+        }
+        // Two DT nodes share a page: map page by page what is not mapped yet.
+        for a in (lo..hi).step_by(0x1000) {
+            if t.translate(a).is_none() {
+                map(&mut t, a, 0x1000, Attrs::DEVICE, "device registers");
+            }
+        }
+    }
+    let regs = mmu::el2_regs(t.root_pa());
+    // SAFETY: the new table maps the image (text RX, data RW), all RAM and the devices we use,
+    // identically to the early map for everything the hypervisor touches from here on.
+    unsafe { mmu::switch_el2_table(regs.ttbr0) };
+    ROOT.store(regs.ttbr0, Ordering::Relaxed);
+    FRAMES.add(frames_start, pool.end());
+}
+
+static ROOT: AtomicU64 = AtomicU64::new(0);
+
+/// Table pages for the final EL2 map, allocated from the heap while only the boot heap exists
+/// (the pool is not mapped until these tables are live). They live for the whole run.
+struct TablePages;
+impl crate::mm::pgtable::TableAlloc for &TablePages {
+    fn alloc_pages(&self, pages: usize) -> Option<u64> {
+        let layout = core::alloc::Layout::from_size_align(pages * 4096, pages * 4096).ok()?;
+        // SAFETY: non-zero layout; the pages are leaked on purpose (live page tables).
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        (!p.is_null()).then_some(p as u64)
+    }
+    fn table(&self, pa: u64) -> *mut u64 {
+        pa as *mut u64
+    }
+}
+
+fn gic_layout(machine: &Machine) -> gic::GicLayout {
+    let first = machine.gic.gicr[0];
+    let last = machine.gic.gicr[machine.gic.gicr.len() - 1];
+    gic::GicLayout {
+        gicd: machine.gic.gicd.base,
+        gicr: first.base,
+        gicr_size: last.base + last.size - first.base,
+    }
+}
+
+fn hyp_timer_intid(machine: &Machine) -> u32 {
+    machine.timer.map(|t| t.hyp_phys.intid()).unwrap_or(26)
+}
+
+fn init_cpu_interrupts(machine: &Machine, gic: &gic::GicLayout) {
+    let timer = hyp_timer_intid(machine);
+    hw::route_interrupts_to_el2();
+    gic::init_cpu(gic, sysreg::mpidr(), (1 << gic::SGI_KICK) | (1 << timer));
+}
+
+/// Proves the EL2 timer and the GIC work: arm the timer 1 ms ahead and wait for its interrupt.
+fn check_timer(_machine: &Machine) {
+    let freq = sysreg::counter_freq();
+    let start = sysreg::counter();
+    platform::hyp_timer_arm(freq / 1000);
+    platform::irq_enable();
+    while !TIMER_FIRED.load(Ordering::Acquire) {
+        if sysreg::counter() - start > freq {
+            platform::irq_disable();
+            fatal(format_args!(
+                "the EL2 timer interrupt did not arrive within 1 s"
+            ));
+        }
+        core::hint::spin_loop();
+    }
+    platform::irq_disable();
+    let us = (sysreg::counter() - start) * 1_000_000 / freq;
+    info!("EL2 timer and GIC OK (1 ms timer interrupt after {us} us)");
+}
+
+/// Handles the hypervisor's physical interrupts (from EL2 or while a guest runs).
+pub fn handle_irq() {
+    loop {
+        let intid = gic::ack();
+        if intid >= gic::SPURIOUS {
+            return;
+        }
+        match intid {
+            gic::SGI_KICK => {}
+            _ if Some(intid) == MACHINE.get().map(hyp_timer_intid) => {
+                platform::hyp_timer_stop();
+                TIMER_FIRED.store(true, Ordering::Release);
+            }
+            other => warn!("unexpected interrupt {other}"),
+        }
+        gic::eoi(intid);
+    }
+}
+
+fn create_vms(machine: &Machine, host_dtb: &[u8]) -> Vec<Vm> {
+    let mut used = alloc::vec![false; machine.cpus.len()];
+    board()
+        .vms
+        .iter()
+        .enumerate()
+        .map(|(id, config)| create_vm(machine, host_dtb, id, config, &mut used))
+        .collect()
+}
+
+fn create_vm(
+    machine: &Machine,
+    host_dtb: &[u8],
+    id: usize,
+    config: &'static VmConfig,
+    used: &mut [bool],
+) -> Vm {
+    let name = config.name;
+    let mut pcpus = Vec::new();
+    for &c in config.cpus {
+        let c = c as usize;
+        if c >= machine.cpus.len() {
+            fatal(format_args!(
+                "VM {name:?} wants CPU {c}, but the device tree lists only {} CPUs",
+                machine.cpus.len()
+            ));
+        }
+        if core::mem::replace(&mut used[c], true) {
+            fatal(format_args!(
+                "VM {name:?} wants CPU {c}, which another VM owns"
+            ));
+        }
+        pcpus.push(c);
+    }
+    let pa_bits = mmu::pa_bits(mmu::pa_range_code());
+    if pa_bits < IPA_BITS {
+        fatal(format_args!(
+            "the CPU supports only {pa_bits}-bit physical addresses"
+        ));
+    }
+    let mut s2 = PageTable::new(&FRAMES, Regime::Stage2, IPA_BITS)
+        .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: stage 2: {e}")));
+    for m in config.memory {
+        s2.map(m.ipa, m.pa, m.size, Attrs::RWX)
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: mapping RAM: {e}")));
+    }
+    for d in config.devices {
+        s2.map(d.ipa, d.pa, d.size, Attrs::DEVICE)
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: mapping device: {e}")));
+    }
+    let vmid = (id + 1) as u64;
+    let stage2 = hw::Stage2Regs {
+        vtcr: hw::vtcr(IPA_BITS, s2.start_level()),
+        vttbr: s2.root_pa() | (vmid << 48),
+    };
+
+    let mut mmio = MmioBus::new();
+    let console = config.console_ipa.map(|ipa| {
+        let dev = Arc::new(VirtPl011::new(name, &GUEST_SINK));
+        mmio.register(ipa, 0x1000, dev.clone())
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: console: {e}")));
+        dev
+    });
+
+    let ram = config.memory[0];
+    let spec = GuestSpec {
+        vcpus: pcpus.len(),
+        memory: config
+            .memory
+            .iter()
+            .map(|m| dt::Region::new(m.ipa, m.size))
+            .collect(),
+        reserved: Vec::new(),
+        devices: config
+            .devices
+            .iter()
+            .map(|d| dt::Region::new(d.ipa, d.size))
+            .collect(),
+        console: config.console_ipa,
+        bootargs: config.bootargs.map(String::from),
+        keep_pci: false,
+        psci_method: "hvc",
+    };
+    let guest_dtb = dt::derive_guest(host_dtb, &spec)
+        .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: guest device tree: {e}")));
+    if guest_dtb.len() as u64 > PAYLOAD_OFFSET {
+        fatal(format_args!(
+            "VM {name:?}: guest DTB is {} bytes, over 2 MiB",
+            guest_dtb.len()
+        ));
+    }
+    if PAYLOAD_OFFSET + config.payload.len() as u64 > ram.size {
+        fatal(format_args!(
+            "VM {name:?}: payload {:?} ({} bytes) does not fit in {:#x} bytes of RAM",
+            config.payload_name,
+            config.payload.len(),
+            ram.size
+        ));
+    }
+    // Guest RAM is identity mapped at EL2 (all RAM is); copy, then clean to the point of coherency
+    // because the guest starts with its MMU and caches off.
+    // SAFETY: the VM's RAM was checked by the layout plan to be RAM owned by this VM alone.
+    unsafe {
+        core::ptr::copy_nonoverlapping(guest_dtb.as_ptr(), ram.pa as *mut u8, guest_dtb.len());
+        core::ptr::copy_nonoverlapping(
+            config.payload.as_ptr(),
+            (ram.pa + PAYLOAD_OFFSET) as *mut u8,
+            config.payload.len(),
+        );
+    }
+    sysreg::clean_dcache_range(ram.pa, guest_dtb.len() as u64);
+    sysreg::clean_dcache_range(ram.pa + PAYLOAD_OFFSET, config.payload.len() as u64);
+    sysreg::invalidate_icache_all();
+    info!(
+        "VM {name:?} (VMID {vmid}): {} vCPU(s) on CPU(s) {:?}, RAM {:#x}+{:#x} at PA {:#x}, payload {:?} ({} KiB)",
+        pcpus.len(),
+        config.cpus,
+        ram.ipa,
+        config.ram_size(),
+        ram.pa,
+        config.payload_name,
+        config.payload.len() / 1024
+    );
+    Vm {
+        id,
+        config,
+        psci: VPsci::new(pcpus.len()),
+        mmio,
+        state: VmRunState::new(),
+        console,
+        stage2,
+        pcpus,
+        dtb_ipa: ram.ipa,
+        entry_ipa: ram.ipa + PAYLOAD_OFFSET,
+    }
+}
+
+fn start_secondaries(machine: &Machine, me: usize) {
+    let Some(psci) = machine.psci.as_ref() else {
+        if machine.cpus.len() > 1 {
+            warn!("no PSCI in the device tree: running on the boot CPU only");
+        }
+        return;
+    };
+    let conduit = match psci.method {
+        dt::Conduit::Smc => platform::Conduit::Smc,
+        dt::Conduit::Hvc => platform::Conduit::Hvc,
+    };
+    let regs = mmu::el2_regs(ROOT.load(Ordering::Relaxed));
+    let cpus = CPUS.get().expect("CPUs");
+    for (i, cpu) in cpus.iter().enumerate() {
+        if i == me {
+            cpu.online.store(true, Ordering::Release);
+            continue;
+        }
+        let stack = Box::leak(alloc::vec![0u8; STACK_SIZE].into_boxed_slice());
+        let boot_args = Box::leak(Box::new(boot::SecondaryBoot {
+            mair: regs.mair,
+            tcr: regs.tcr,
+            ttbr0: regs.ttbr0,
+            sctlr: regs.sctlr,
+            stack_top: stack.as_ptr() as u64 + STACK_SIZE as u64,
+            cpu_index: i as u64,
+        }));
+        let ptr = boot_args as *const boot::SecondaryBoot as u64;
+        sysreg::clean_dcache_range(ptr, core::mem::size_of::<boot::SecondaryBoot>() as u64);
+        if let Err(e) = platform::cpu_on(conduit, cpu.mpidr, boot::secondary_entry_pa(), ptr) {
+            fatal(format_args!(
+                "PSCI CPU_ON for CPU {i} (MPIDR {:#x}) failed: {e:?}",
+                cpu.mpidr
+            ));
+        }
+        let freq = sysreg::counter_freq();
+        let start = sysreg::counter();
+        while !cpu.online.load(Ordering::Acquire) {
+            if sysreg::counter() - start > freq {
+                fatal(format_args!(
+                    "CPU {i} (MPIDR {:#x}) did not come up within 1 s",
+                    cpu.mpidr
+                ));
+            }
+            core::hint::spin_loop();
+        }
+    }
+    info!("all {} CPUs online", cpus.len());
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn secondary_main(boot_args: &boot::SecondaryBoot) -> ! {
+    let i = boot_args.cpu_index as usize;
+    let machine = MACHINE.get().expect("machine");
+    init_cpu_interrupts(machine, &gic_layout(machine));
+    CPUS.get().expect("CPUs")[i]
+        .online
+        .store(true, Ordering::Release);
+    run_cpu(i)
+}
+
+fn run_cpu(index: usize) -> ! {
+    let cpu = &CPUS.get().expect("CPUs")[index];
+    if let Some((vm, v)) = cpu.owner {
+        run_vcpu(&VMS.get().expect("VMs")[vm], v);
+    }
+    park()
+}
+
+fn park() -> ! {
+    loop {
+        platform::wfi();
+    }
+}
+
+/// Runs vCPU `v` of `vm` on this pCPU until the VM stops.
+fn run_vcpu(vm: &Vm, v: usize) {
+    let regs: &mut GuestRegs = Box::leak(Box::default());
+    // SAFETY: the stage 2 was fully built before any CPU started; `regs` is leaked, so it lives
+    // as long as the vCPU.
+    unsafe {
+        hw::configure(&vm.stage2, v);
+        hw::set_current_regs(regs);
+    }
+    let (mut entry, mut x0) = (vm.entry_ipa, vm.dtb_ipa);
+    if v != 0 {
+        match wait_for_cpu_on(vm, v) {
+            Some(e) => (entry, x0) = e,
+            None => return,
+        }
+    }
+    loop {
+        hw::reset_el1();
+        *regs = GuestRegs::default();
+        regs.x[0] = x0;
+        regs.elr = entry;
+        regs.spsr = hw::SPSR_EL1H_MASKED;
+        if !run_until_off(vm, v, regs) {
+            return;
+        }
+        match wait_for_cpu_on(vm, v) {
+            Some(e) => (entry, x0) = e,
+            None => return,
+        }
+    }
+}
+
+/// Waits (WFE) until another vCPU turns this one on; `None` if the VM stops first.
+fn wait_for_cpu_on(vm: &Vm, v: usize) -> Option<(u64, u64)> {
+    loop {
+        if vm.state.stopped().is_some() {
+            return None;
+        }
+        if let Some(e) = vm.psci.take_pending_entry(v) {
+            return Some(e);
+        }
+        sysreg::wfe();
+    }
+}
+
+/// Runs the guest until CPU_OFF (true) or until the VM stops (false).
+fn run_until_off(vm: &Vm, v: usize, regs: &mut GuestRegs) -> bool {
+    loop {
+        if vm.state.stopped().is_some() {
+            return false;
+        }
+        // SAFETY: configured for this VM in `run_vcpu`; TPIDR_EL2 points at `regs`.
+        let reason = unsafe { enter_guest(regs) };
+        match reason {
+            ExitReason::Sync => match handle_sync(vm, v, regs) {
+                Flow::Continue => {}
+                Flow::CpuOff => return true,
+            },
+            ExitReason::Irq => handle_irq(),
+            ExitReason::Fiq | ExitReason::SError | ExitReason::AArch32 => {
+                stop_vm(
+                    vm,
+                    StopReason::Crashed,
+                    format_args!("{reason:?} exception from vCPU {v}"),
+                );
+            }
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    CpuOff,
+}
+
+fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
+    let (esr, far, hpfar) = hw::trap_syndrome();
+    match trap::decode(esr, far, hpfar) {
+        Trap::Hvc { .. } => return psci_call(vm, v, regs),
+        Trap::Smc { .. } => {
+            regs.elr += trap::instruction_len(esr);
+            return psci_call(vm, v, regs);
+        }
+        Trap::DataAbort(abort) => {
+            if let Some(access) = abort.access.filter(|_| vm.mmio.find(abort.ipa).is_some()) {
+                let value = access.reg_index().map_or(0, |r| regs.x[r]);
+                match vm.mmio.dispatch(v, abort.ipa, &access, value) {
+                    Ok(loaded) => {
+                        if let (Some(val), Some(r)) = (loaded, access.reg_index()) {
+                            regs.x[r] = val;
+                        }
+                        regs.elr += trap::instruction_len(esr);
+                    }
+                    Err(e) => {
+                        inject_abort(vm, v, regs, AbortKind::Data, abort.far, format_args!("{e}"))
+                    }
+                }
+            } else {
+                let why = if vm.mmio.find(abort.ipa).is_some() {
+                    "access the hypervisor cannot emulate (no syndrome)"
+                } else {
+                    "the VM does not own this address"
+                };
+                inject_abort(
+                    vm,
+                    v,
+                    regs,
+                    AbortKind::Data,
+                    abort.far,
+                    format_args!(
+                        "{} of IPA {:#x}: {why}",
+                        if abort.write { "write" } else { "read" },
+                        abort.ipa
+                    ),
+                );
+            }
+        }
+        Trap::InstructionAbort { ipa, .. } => {
+            inject_abort(
+                vm,
+                v,
+                regs,
+                AbortKind::Instruction,
+                far,
+                format_args!("instruction fetch from IPA {ipa:#x}"),
+            );
+        }
+        Trap::Wfx { .. } => regs.elr += trap::instruction_len(esr),
+        other => {
+            stop_vm(
+                vm,
+                StopReason::Crashed,
+                format_args!(
+                    "vCPU {v}: unhandled exception {other:?} at pc {:#x}",
+                    regs.elr
+                ),
+            );
+        }
+    }
+    Flow::Continue
+}
+
+fn inject_abort(
+    vm: &Vm,
+    v: usize,
+    regs: &mut GuestRegs,
+    kind: AbortKind,
+    far: u64,
+    why: core::fmt::Arguments<'_>,
+) {
+    info!(
+        "injected abort into VM {:?} vCPU {v} at pc {:#x}: {why}",
+        vm.config.name, regs.elr
+    );
+    let state = GuestExcState {
+        elr_el2: regs.elr,
+        spsr_el2: regs.spsr,
+        vbar_el1: hw::guest_vbar(),
+        sctlr_el1: hw::guest_sctlr(),
+    };
+    let inj = trap::inject_sync_abort(&state, kind, far);
+    hw::apply_injection(&inj);
+    regs.elr = inj.elr_el2;
+    regs.spsr = inj.spsr_el2;
+}
+
+fn psci_call(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
+    let fid = regs.x[0] as u32;
+    match vm
+        .psci
+        .handle_call(v, fid, [regs.x[1], regs.x[2], regs.x[3]])
+    {
+        PsciOutcome::Return(x0) => regs.x[0] = x0,
+        PsciOutcome::CpuOnStarted { target, ret } => {
+            regs.x[0] = ret;
+            sysreg::sev();
+            let _ = target;
+        }
+        PsciOutcome::CpuOff => return Flow::CpuOff,
+        PsciOutcome::SystemOff => stop_vm(vm, StopReason::PoweredOff, format_args!("SYSTEM_OFF")),
+        PsciOutcome::SystemReset => {
+            stop_vm(vm, StopReason::ResetRequested, format_args!("SYSTEM_RESET"))
+        }
+    }
+    Flow::Continue
+}
+
+/// Stops a VM (once), kicks its other vCPUs out of the guest, and ends the run after the last VM.
+fn stop_vm(vm: &Vm, reason: StopReason, detail: core::fmt::Arguments<'_>) {
+    if !vm.state.stop(reason) {
+        return;
+    }
+    if let Some(c) = &vm.console {
+        c.flush();
+    }
+    let name = vm.config.name;
+    match reason {
+        StopReason::PoweredOff => info!("{name}: powered off"),
+        StopReason::ResetRequested => info!("{name}: reset requested ({detail})"),
+        StopReason::Crashed => error!("{name}: crashed: {detail}"),
+    }
+    let cpus = CPUS.get().expect("CPUs");
+    let me = sysreg::mpidr();
+    for &p in &vm.pcpus {
+        if cpus[p].mpidr != me {
+            gic::send_sgi(gic::SGI_KICK, cpus[p].mpidr);
+        }
+    }
+    sysreg::sev();
+    if let Some(status) = TRACKER.get().expect("tracker").vm_stopped(reason) {
+        end_run(status);
+    }
+}
+
+fn end_run(mut status: u32) -> ! {
+    let image = boot::image_layout();
+    if image_checksum(&image) == IMAGE_SUM.load(Ordering::Relaxed) {
+        info!("image integrity OK");
+    } else {
+        error!("the hypervisor's code or read-only data changed during the run");
+        status = status.max(run::EXIT_HYP_PANIC);
+    }
+    info!("all VMs stopped, exit status {status}");
+    finish(status)
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn not_el2_main(dtb: u64, _load_base: u64) -> ! {
+    // SAFETY: the boot heap is used only here, once.
+    unsafe {
+        HEAP.lock()
+            .init(&raw mut BOOT_HEAP as usize, BOOT_HEAP_SIZE)
+    };
+    init_early_console();
+    let _ = dtb;
+    fatal(format_args!(
+        "entered at EL1, not EL2: EL2 is not available (the firmware kept it, or QEMU runs \
+         without virtualization=on); this hypervisor needs EL2 and stops here"
+    ))
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    platform::irq_disable();
+    match info.location() {
+        Some(l) => console::emergency_line(format_args!(
+            "hyp: PANIC at {}:{}: {}",
+            l.file(),
+            l.line(),
+            info.message()
+        )),
+        None => console::emergency_line(format_args!("hyp: PANIC: {}", info.message())),
+    }
+    finish(run::EXIT_HYP_PANIC)
+}

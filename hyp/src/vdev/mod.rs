@@ -1,0 +1,5 @@
+//! Emulated devices, plugged into a VM's [`MmioBus`](crate::trap::MmioBus).
+
+pub mod pl011;
+
+pub use pl011::{ConsoleSink, PL011_MMIO_SIZE, VirtPl011};

@@ -1,0 +1,304 @@
+//! QEMU system tests: each scenario takes the `qemu-virt` board, changes it in code (no copied
+//! board files), builds its own image (`target/images/qemu-virt/test-<name>.bin`), boots it and
+//! checks console markers and QEMU's exit status (the semihosting exit status of the hypervisor).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::board::{self, BoardFile};
+use crate::fdt;
+use crate::image::{self, Profile};
+use crate::qemu::{self, Outcome, RunOptions};
+use crate::util::{self, rel};
+
+/// The board the system tests run on.
+pub const BOARD: &str = "qemu-virt";
+
+/// One system test.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Changes the board before it is validated and built.
+    setup: fn(&mut BoardFile) -> Result<()>,
+    /// Boot with QEMU's own DTB after cutting the GIC node's `reg` to one pair.
+    bad_dtb: bool,
+    /// Checks a finished run; records every failed expectation.
+    check: fn(&mut Checks),
+}
+
+/// All scenarios, in the order they run.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "smp",
+        about: "default board with -smp 4: both VMs pass every selftest check and power off",
+        setup: |b| b.set_smp(4),
+        bad_dtb: false,
+        check: |c| {
+            c.contains("[vm0] selftest: ALL PASS");
+            c.contains("[vm1] selftest: ALL PASS");
+            c.absent("FAIL");
+            c.status(0);
+        },
+    },
+    Scenario {
+        name: "abort",
+        about: "vm0 touches unmapped IPAs and must get aborts injected; the image stays intact",
+        setup: |b| b.set_bootargs(0, "selftest.tests=abort"),
+        bad_dtb: false,
+        check: |c| {
+            c.contains("[vm0] selftest: ALL PASS");
+            c.line_with(
+                &["[vm0] selftest: PASS abort-"],
+                "an abort- check passing in vm0",
+            );
+            c.contains("hyp: injected abort");
+            c.contains("hyp: image integrity OK");
+            c.absent("FAIL");
+            c.status(0);
+        },
+    },
+    Scenario {
+        name: "panic",
+        about: "vm0 panics: the run ends with a non-zero status",
+        setup: |b| b.set_bootargs(0, "selftest.panic"),
+        bad_dtb: false,
+        check: |c| {
+            c.contains("[vm0] selftest: PANIC");
+            c.status_nonzero();
+        },
+    },
+    Scenario {
+        name: "bad-dtb",
+        about: "QEMU's DTB with the GIC reg cut to one pair: the hypervisor refuses to boot (status 4)",
+        setup: |_| Ok(()),
+        bad_dtb: true,
+        check: |c| {
+            c.line_with(
+                &["hyp: fatal: bad device tree", "intc"],
+                "`hyp: fatal: bad device tree` naming the intc node",
+            );
+            c.status(4);
+        },
+    },
+    Scenario {
+        name: "no-el2",
+        about: "QEMU without virtualization=on enters the image at EL1: a clear error, status 4",
+        setup: |b| b.set_machine("virt,gic-version=3,iommu=smmuv3"),
+        bad_dtb: false,
+        check: |c| {
+            c.line_with(
+                &["hyp: fatal: entered at EL1", "EL2 is not available"],
+                "`hyp: fatal: entered at EL1 ... EL2 is not available`",
+            );
+            c.status(4);
+        },
+    },
+];
+
+/// Collects failed expectations about one run.
+pub struct Checks<'a> {
+    outcome: &'a Outcome,
+    pub failures: Vec<String>,
+}
+
+impl<'a> Checks<'a> {
+    pub fn new(outcome: &'a Outcome) -> Self {
+        Checks {
+            outcome,
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn contains(&mut self, marker: &str) {
+        if !self.outcome.output.contains(marker) {
+            self.failures.push(format!("missing `{marker}`"));
+        }
+    }
+
+    pub fn absent(&mut self, marker: &str) {
+        if let Some(line) = self.outcome.output.lines().find(|l| l.contains(marker)) {
+            self.failures
+                .push(format!("unexpected `{marker}`: {:?}", line.trim_end()));
+        }
+    }
+
+    /// Some line holds all of `parts`.
+    pub fn line_with(&mut self, parts: &[&str], what: &str) {
+        let found = self
+            .outcome
+            .output
+            .lines()
+            .any(|l| parts.iter().all(|p| l.contains(p)));
+        if !found {
+            self.failures.push(format!("missing {what}"));
+        }
+    }
+
+    pub fn status(&mut self, want: i32) {
+        if self.outcome.code != want {
+            self.failures.push(format!(
+                "exit status {} ({}), expected {want} ({})",
+                self.outcome.code,
+                status_meaning(self.outcome.code),
+                status_meaning(want)
+            ));
+        }
+    }
+
+    pub fn status_nonzero(&mut self) {
+        if self.outcome.code == 0 {
+            self.failures
+                .push("exit status 0, expected a failure status".to_owned());
+        }
+    }
+
+    /// Expectations every scenario shares: no timeout, no hypervisor panic.
+    fn common(&mut self) {
+        if self.outcome.timed_out {
+            self.failures.push(format!(
+                "timed out after {:.0} s",
+                self.outcome.duration.as_secs_f64()
+            ));
+        }
+        self.absent("hyp: PANIC");
+    }
+}
+
+/// What the hypervisor's semihosting exit statuses mean.
+pub fn status_meaning(code: i32) -> &'static str {
+    match code {
+        0 => "every VM powered off",
+        1 => "a VM asked for reset",
+        2 => "a guest died of an unhandled exception",
+        3 => "hypervisor panic",
+        4 => "fatal boot error",
+        124 => "timed out",
+        137 => "killed",
+        _ => "unknown",
+    }
+}
+
+/// Builds one scenario's image and runs it. `Ok(failures)`; `Err` for build problems.
+pub fn run(scenario: &Scenario, qemu: &Path, timeout: Duration) -> Result<Vec<String>> {
+    let root = util::root();
+    let (mut file, source) = board::load(&root, BOARD)?;
+    (scenario.setup)(&mut file)?;
+    let board = file.validate(&source, &root.join("guests"))?;
+    let variant = format!("test-{}", scenario.name);
+    let image = image::build(&board, &source, &variant, Profile::Release)?;
+    let mut cmd = qemu::command(qemu, &board, &image.bin)?;
+    if scenario.bad_dtb {
+        let dir = image.bin.parent().context("image has no folder")?;
+        let original = dir.join(format!("{variant}.qemu.dtb"));
+        let _ = std::fs::remove_file(&original);
+        qemu::dump_dtb(qemu, &board, &original)?;
+        let blob = std::fs::read(&original)?;
+        let (bad, node) = fdt::cut_gic_reg(blob)?;
+        let bad_path = dir.join(format!("{variant}.dtb"));
+        std::fs::write(&bad_path, bad)?;
+        eprintln!("bad DTB: {} ({node} reg cut to one pair)", rel(&bad_path));
+        cmd.arg("-dtb").arg(&bad_path);
+    }
+    let outcome = qemu::run(
+        cmd,
+        &RunOptions {
+            timeout: Some(timeout),
+            prefix: Some(format!("[{}] ", scenario.name)),
+            interactive: false,
+            echo: true,
+        },
+    )?;
+    let mut checks = Checks::new(&outcome);
+    checks.common();
+    (scenario.check)(&mut checks);
+    if !checks.failures.is_empty() {
+        let tail: Vec<&str> = outcome.output.lines().rev().take(20).collect();
+        eprintln!("--- last lines of {} output ---", scenario.name);
+        for l in tail.iter().rev() {
+            eprintln!("    {}", l.trim_end());
+        }
+    }
+    Ok(checks.failures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(output: &str, code: i32) -> Outcome {
+        Outcome {
+            code,
+            output: output.into(),
+            duration: Duration::from_secs(1),
+            timed_out: false,
+        }
+    }
+
+    fn failures(name: &str, o: &Outcome) -> Vec<String> {
+        let s = SCENARIOS.iter().find(|s| s.name == name).unwrap();
+        let mut c = Checks::new(o);
+        c.common();
+        (s.check)(&mut c);
+        c.failures
+    }
+
+    #[test]
+    fn scenario_names_are_unique() {
+        for (i, s) in SCENARIOS.iter().enumerate() {
+            assert!(SCENARIOS[..i].iter().all(|o| o.name != s.name));
+        }
+    }
+
+    #[test]
+    fn smp_checks() {
+        let good = "[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n";
+        assert!(failures("smp", &outcome(good, 0)).is_empty());
+        let f = failures("smp", &outcome(good, 1));
+        assert!(f[0].contains("exit status 1"), "{f:?}");
+        let bad = format!("{good}[vm1] selftest: FAIL timer: late\n");
+        assert_eq!(failures("smp", &outcome(&bad, 0)).len(), 1);
+        let f = failures("smp", &outcome("[vm0] selftest: ALL PASS (9 checks)\n", 0));
+        assert_eq!(f, ["missing `[vm1] selftest: ALL PASS`"]);
+        let mut t = outcome(good, 0);
+        t.timed_out = true;
+        assert!(failures("smp", &t)[0].contains("timed out"));
+        assert!(!failures("smp", &outcome(&format!("{good}hyp: PANIC at x\n"), 0)).is_empty());
+    }
+
+    #[test]
+    fn abort_checks() {
+        let good = "[vm0] selftest: PASS abort-read 0x1000\nhyp: injected abort\nhyp: image integrity OK\n[vm0] selftest: ALL PASS (3 checks)\n";
+        assert!(failures("abort", &outcome(good, 0)).is_empty());
+        let no_abort = good.replace("abort-read", "timer");
+        assert_eq!(failures("abort", &outcome(&no_abort, 0)).len(), 1);
+    }
+
+    #[test]
+    fn panic_checks() {
+        let out = "[vm0] selftest: PANIC: boom at src/main.rs:1\n";
+        assert!(failures("panic", &outcome(out, 1)).is_empty());
+        assert_eq!(failures("panic", &outcome(out, 0)).len(), 1);
+        assert_eq!(failures("panic", &outcome("", 1)).len(), 1);
+    }
+
+    #[test]
+    fn bad_dtb_checks() {
+        let out = "hyp: fatal: bad device tree: /intc@8000000: reg has 1 range, need 2\n";
+        assert!(failures("bad-dtb", &outcome(out, 4)).is_empty());
+        assert_eq!(failures("bad-dtb", &outcome(out, 0)).len(), 1);
+        let other = "hyp: fatal: bad device tree: /cpus missing\n";
+        assert_eq!(failures("bad-dtb", &outcome(other, 4)).len(), 1);
+    }
+
+    #[test]
+    fn scenario_setups_validate() {
+        let root = util::root();
+        for s in SCENARIOS {
+            let (mut file, source) = board::load(&root, BOARD).unwrap();
+            (s.setup)(&mut file).unwrap();
+            file.validate(&source, &root.join("guests")).unwrap();
+        }
+    }
+}
