@@ -86,6 +86,9 @@ pub struct VmConfig {
     pub payload: &'static [u8],
     /// Kernel command line for `/chosen/bootargs`; `None` keeps the bootloader's.
     pub bootargs: Option<&'static str>,
+    /// Offer the hypervisor's test hypercalls to this VM (stage-2 unmap and remap of its own
+    /// RAM, see `trap::hyptest`). Off unless the board file asks for it.
+    pub test_services: bool,
 }
 
 impl VmConfig {

@@ -19,6 +19,7 @@ use log::{error, info, warn};
 use spin::Once;
 
 use crate::arch::exceptions::{ExitReason, GuestRegs, enter_guest};
+use crate::arch::tlb::{self as cpu_tlb, ArchWalkerSync, CpuTlb};
 use crate::arch::{boot, gic, mmu, platform, sysreg, vcpu as hw};
 use crate::config::{BoardConfig, ExitMethod, VmConfig};
 use crate::console::{self, Pl011};
@@ -26,7 +27,10 @@ use crate::dt::{self, GuestSpec, Machine};
 use crate::mm::frames::FramePool;
 use crate::mm::layout::{self, Range};
 use crate::mm::pgtable::{Attrs, PageTable, Regime};
+use crate::mm::stage2::{PagePool, SplitPolicy, Stage2, Stage2Config, Stage2Table};
 use crate::run::{self, RunTracker, StopReason, VmRunState};
+use crate::smmu;
+use crate::trap::hyptest::{self, HypTestCall};
 use crate::trap::{self, AbortKind, GuestExcState, MmioBus, PsciOutcome, Trap, VPsci};
 use crate::vdev::{ConsoleSink, VirtPl011};
 
@@ -51,12 +55,19 @@ static mut BOOT_HEAP: BootHeap = BootHeap([0; BOOT_HEAP_SIZE]);
 /// Bytes of the pool given to the heap; the rest holds page-table frames.
 const HEAP_SHARE: u64 = 8 << 20;
 const STACK_SIZE: usize = 64 * 1024;
-/// Guest IPA space: 40 bits, covering QEMU virt's 64-bit PCIe window at 512 GiB.
-const IPA_BITS: u32 = 40;
+/// Largest guest IPA space we build (4 KiB granule without 52-bit extensions).
+const MAX_IPA_BITS: u32 = 48;
+/// Pages the stage-2 page pool takes from the frame pool at a time.
+const TABLE_POOL_BATCH: usize = 32;
 /// The guest DTB sits at the start of guest RAM, the payload 2 MiB in (Linux boot convention).
 const PAYLOAD_OFFSET: u64 = 2 << 20;
 
 static FRAMES: FramePool = FramePool::new();
+/// Lock-free page pool in front of the frame pool: stage-2 map/unmap never take the frame
+/// allocator's lock on their fast path.
+static TABLE_PAGES: Once<PagePool<&'static FramePool>> = Once::new();
+/// Stage-2 geometry and split policy shared by every VM (see [`stage2_config`]).
+static STAGE2: Once<Stage2Config> = Once::new();
 static MACHINE: Once<Machine> = Once::new();
 static VMS: Once<Vec<Vm>> = Once::new();
 static TRACKER: Once<RunTracker> = Once::new();
@@ -73,13 +84,19 @@ pub struct Vm {
     pub mmio: MmioBus,
     pub state: VmRunState,
     pub console: Option<Arc<VirtPl011>>,
-    pub stage2: hw::Stage2Regs,
+    /// The VM's stage-2 table, shared by its vCPUs (and later its SMMU streams).
+    pub stage2: VmStage2,
+    /// VTCR/VTTBR values for this VM.
+    pub s2regs: hw::Stage2Regs,
     /// Physical CPU index of each vCPU.
     pub pcpus: Vec<usize>,
     /// IPA of the guest DTB and of the payload entry point.
     pub dtb_ipa: u64,
     pub entry_ipa: u64,
 }
+
+/// The stage-2 table type every VM uses.
+pub type VmStage2 = Stage2<&'static PagePool<&'static FramePool>, ArchWalkerSync>;
 
 /// Per physical CPU.
 pub struct PerCpu {
@@ -256,6 +273,8 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
     init_cpu_interrupts(machine, &gic);
     check_timer(machine);
 
+    STAGE2.call_once(|| stage2_config(machine));
+    TABLE_PAGES.call_once(|| PagePool::new(&FRAMES, TABLE_POOL_BATCH));
     let vms = create_vms(machine, blob);
     let mut owners: Vec<Option<(usize, usize)>> = alloc::vec![None; machine.cpus.len()];
     for (vi, vm) in vms.iter().enumerate() {
@@ -451,6 +470,52 @@ pub fn handle_irq() {
     }
 }
 
+/// Chooses the stage-2 geometry and split policy from what every walker supports: the IPA size is
+/// the smaller of the CPU's physical address size and each SMMU's output size (the SMMUs walk the
+/// same tables); live block splits are direct only when the CPUs and every SMMU implement
+/// break-before-make level 2; otherwise tables the SMMU walks are mapped with pages only (no live
+/// split ever) and CPU-only tables use break-before-make (a vCPU that faults in the window retries).
+fn stage2_config(machine: &Machine) -> Stage2Config {
+    let cpu_bits = mmu::pa_bits(mmu::pa_range_code());
+    let cpu_bbm = cpu_tlb::cpu_bbm_level();
+    let mut ipa_bits = cpu_bits.min(MAX_IPA_BITS);
+    let mut smmu_bbm_ok = true;
+    let mut coherent = true;
+    for s in &machine.smmus {
+        // SAFETY: the SMMU's registers come from the DT and are in the final EL2 map.
+        let caps = unsafe { smmu::read_caps(s.kind, s.base) };
+        info!(
+            "SMMU {} ({:?}): {}-bit output, BBML {}, {}coherent table walks",
+            s.path,
+            s.kind,
+            caps.oas_bits,
+            caps.bbml,
+            if caps.coherent_walk { "" } else { "non-" }
+        );
+        ipa_bits = ipa_bits.min(caps.oas_bits);
+        smmu_bbm_ok &= caps.bbml >= 2;
+        coherent &= caps.coherent_walk;
+    }
+    // Every VM shares the same choice until SMMU streams are attached per VM: a VM's stage 2 may
+    // be walked by any SMMU that has one of its devices behind it.
+    let split = if cpu_bbm >= 2 && smmu_bbm_ok {
+        SplitPolicy::Direct
+    } else if !machine.smmus.is_empty() {
+        SplitPolicy::NoLiveSplits
+    } else {
+        SplitPolicy::BreakBeforeMake
+    };
+    info!(
+        "stage 2: {ipa_bits}-bit IPA (CPU {cpu_bits}-bit PA), CPU BBM level {cpu_bbm}, splits {split:?}, {}coherent walks",
+        if coherent { "" } else { "non-" }
+    );
+    Stage2Config {
+        ipa_bits,
+        split,
+        coherent_walk: coherent,
+    }
+}
+
 fn create_vms(machine: &Machine, host_dtb: &[u8]) -> Vec<Vm> {
     let mut used = alloc::vec![false; machine.cpus.len()];
     board()
@@ -485,27 +550,30 @@ fn create_vm(
         }
         pcpus.push(c);
     }
-    let pa_bits = mmu::pa_bits(mmu::pa_range_code());
-    if pa_bits < IPA_BITS {
-        fatal(format_args!(
-            "the CPU supports only {pa_bits}-bit physical addresses"
-        ));
-    }
-    let mut s2 = PageTable::new(&FRAMES, Regime::Stage2, IPA_BITS)
+    let cfg = *STAGE2.get().expect("stage-2 configuration");
+    let pages = TABLE_PAGES.get().expect("table pages");
+    let table = Stage2Table::new(cfg, pages, ArchWalkerSync)
         .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: stage 2: {e}")));
     for m in config.memory {
-        s2.map(m.ipa, m.pa, m.size, Attrs::RWX)
+        table
+            .map(m.ipa, m.pa, m.size, Attrs::RWX)
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: mapping RAM: {e}")));
     }
     for d in config.devices {
-        s2.map(d.ipa, d.pa, d.size, Attrs::DEVICE)
+        table
+            .map(d.ipa, d.pa, d.size, Attrs::DEVICE)
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: mapping device: {e}")));
     }
-    let vmid = (id + 1) as u64;
-    let stage2 = hw::Stage2Regs {
-        vtcr: hw::vtcr(IPA_BITS, s2.start_level()),
-        vttbr: s2.root_pa() | (vmid << 48),
+    let vmid = (id + 1) as u16;
+    let s2regs = hw::Stage2Regs {
+        vtcr: hw::vtcr(table.ipa_bits(), table.start_level()),
+        vttbr: table.root_pa() | ((vmid as u64) << 48),
     };
+    let stage2 = Stage2::new(
+        table,
+        vmid,
+        alloc::vec![Arc::new(CpuTlb::new(s2regs.vttbr)) as _],
+    );
 
     let mut mmio = MmioBus::new();
     let console = config.console_ipa.map(|ipa| {
@@ -565,14 +633,15 @@ fn create_vm(
     sysreg::clean_dcache_range(ram.pa + PAYLOAD_OFFSET, config.payload.len() as u64);
     sysreg::invalidate_icache_all();
     info!(
-        "VM {name:?} (VMID {vmid}): {} vCPU(s) on CPU(s) {:?}, RAM {:#x}+{:#x} at PA {:#x}, payload {:?} ({} KiB)",
+        "VM {name:?} (VMID {vmid}): {} vCPU(s) on CPU(s) {:?}, RAM {:#x}+{:#x} at PA {:#x}, payload {:?} ({} KiB), stage 2 with {} table pages",
         pcpus.len(),
         config.cpus,
         ram.ipa,
         config.ram_size(),
         ram.pa,
         config.payload_name,
-        config.payload.len() / 1024
+        config.payload.len() / 1024,
+        stage2.table.table_pages()
     );
     Vm {
         id,
@@ -582,6 +651,7 @@ fn create_vm(
         state: VmRunState::new(),
         console,
         stage2,
+        s2regs,
         pcpus,
         dtb_ipa: ram.ipa,
         entry_ipa: ram.ipa + PAYLOAD_OFFSET,
@@ -669,7 +739,7 @@ fn run_vcpu(vm: &Vm, v: usize) {
     // SAFETY: the stage 2 was fully built before any CPU started; `regs` is leaked, so it lives
     // as long as the vCPU.
     unsafe {
-        hw::configure(&vm.stage2, v);
+        hw::configure(&vm.s2regs, v);
         hw::set_current_regs(regs);
     }
     let (mut entry, mut x0) = (vm.entry_ipa, vm.dtb_ipa);
@@ -746,6 +816,7 @@ fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
             regs.elr += trap::instruction_len(esr);
             return psci_call(vm, v, regs);
         }
+        Trap::DataAbort(abort) if retry_fault(vm, abort.ipa, abort.dfsc) => {}
         Trap::DataAbort(abort) => {
             if let Some(access) = abort.access.filter(|_| vm.mmio.find(abort.ipa).is_some()) {
                 let value = access.reg_index().map_or(0, |r| regs.x[r]);
@@ -780,6 +851,7 @@ fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
                 );
             }
         }
+        Trap::InstructionAbort { ipa, fsc } if retry_fault(vm, ipa, fsc) => {}
         Trap::InstructionAbort { ipa, .. } => {
             inject_abort(
                 vm,
@@ -803,6 +875,18 @@ fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
         }
     }
     Flow::Continue
+}
+
+/// Stage-2 faults that resolve themselves: the IPA is mapped again by the time we look (the
+/// window of a break-before-make split, or a fault on an entry another vCPU just installed), or
+/// a TLB conflict abort after a direct block split. The guest simply retries the access.
+fn retry_fault(vm: &Vm, ipa: u64, fsc: u8) -> bool {
+    const TLB_CONFLICT: u8 = 0x30;
+    if fsc == TLB_CONFLICT {
+        cpu_tlb::local_flush_current_vmid();
+        return true;
+    }
+    vm.stage2.table.translate(ipa).is_some()
 }
 
 fn inject_abort(
@@ -831,6 +915,10 @@ fn inject_abort(
 
 fn psci_call(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
     let fid = regs.x[0] as u32;
+    if let Some(call) = hyptest::decode(fid, regs.x[1], regs.x[2]) {
+        regs.x[0] = test_call(vm, call);
+        return Flow::Continue;
+    }
     match vm
         .psci
         .handle_call(v, fid, [regs.x[1], regs.x[2], regs.x[3]])
@@ -848,6 +936,43 @@ fn psci_call(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
         }
     }
     Flow::Continue
+}
+
+/// The test hypercalls: unmap part of the VM's RAM from its live stage 2 (with TLB maintenance on
+/// every agent) or map it back to the same backing memory.
+fn test_call(vm: &Vm, call: HypTestCall) -> u64 {
+    if !vm.config.test_services {
+        return hyptest::NOT_SUPPORTED;
+    }
+    let (HypTestCall::Unmap { ipa, size } | HypTestCall::Map { ipa, size }) = call;
+    let Some(pa) = hyptest::backing(vm.config.memory, ipa, size) else {
+        return hyptest::INVALID_PARAMETERS;
+    };
+    let result = match call {
+        HypTestCall::Unmap { .. } => vm
+            .stage2
+            .unmap_sync(ipa, size)
+            .map(|_| ())
+            .map_err(|e| alloc::format!("{e}")),
+        HypTestCall::Map { .. } => vm
+            .stage2
+            .table
+            .map(ipa, pa, size, Attrs::RWX)
+            .map_err(|e| alloc::format!("{e}")),
+    };
+    match result {
+        Ok(()) => {
+            info!("VM {:?}: test hypercall {call:x?} done", vm.config.name);
+            0
+        }
+        Err(e) => {
+            info!(
+                "VM {:?}: test hypercall {call:x?} refused: {e}",
+                vm.config.name
+            );
+            hyptest::INVALID_PARAMETERS
+        }
+    }
 }
 
 /// Stops a VM (once), kicks its other vCPUs out of the guest, and ends the run after the last VM.

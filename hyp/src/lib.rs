@@ -16,5 +16,6 @@ pub mod dt;
 pub mod hypervisor;
 pub mod mm;
 pub mod run;
+pub mod smmu;
 pub mod trap;
 pub mod vdev;

@@ -83,6 +83,9 @@ pub struct VmSection {
     pub pci: Vec<String>,
     #[serde(default)]
     pub stream_ids: Vec<u32>,
+    /// Offer the hypervisor's test hypercalls (stage-2 unmap/remap of the VM's own RAM).
+    #[serde(default)]
+    pub test_services: bool,
 }
 
 /// `{ ipa, pa, size }`: a guest-physical window backed by host-physical memory or MMIO.
@@ -240,6 +243,7 @@ pub struct Vm {
     pub devices: Vec<Window>,
     pub pci: Vec<Bdf>,
     pub stream_ids: Vec<u32>,
+    pub test_services: bool,
 }
 
 /// Parses `bb:dd.f` (hex bus and device, as `lspci` prints them).
@@ -785,6 +789,7 @@ fn check_vm(e: &mut Errors, i: usize, v: &VmSection, guests_dir: &Path) -> Vm {
         devices,
         pci,
         stream_ids: v.stream_ids.clone(),
+        test_services: v.test_services,
     }
 }
 

@@ -83,6 +83,17 @@ pub fn unit_tests() -> Result<()> {
     util::run(&mut cmd)
 }
 
+/// The `loom` models of the lock-free code (stage-2 table install, block split, deferred free,
+/// page pool), in a target directory of their own because `--cfg loom` rebuilds everything.
+pub fn loom_models() -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "hyp", "--release", "--lib", "loom"])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", util::root().join("target/loom"))
+        .env_remove("HYP_BOARD_CONFIG");
+    util::run(&mut cmd)
+}
+
 /// What `cargo xtask test` runs.
 pub struct TestPlan {
     pub host: bool,
@@ -174,12 +185,13 @@ pub fn test(plan: &TestPlan) -> Result<bool> {
 fn run_steps(plan: &TestPlan, tally: &mut Tally) -> bool {
     if plan.host {
         type Step = (&'static str, fn() -> Result<()>);
-        let host: [Step; 5] = [
+        let host: [Step; 6] = [
             ("fmt", || fmt(true)),
             ("clippy (host)", clippy_host),
             ("clippy (hyp, aarch64-unknown-none-softfloat)", clippy_hyp),
             ("clippy (guests, aarch64-unknown-none)", clippy_guests),
             ("unit tests", unit_tests),
+            ("loom models", loom_models),
         ];
         for (name, f) in host {
             if !step(tally, name, || ok(f())) {

@@ -75,6 +75,7 @@ pub fn generate(
             Some(b) => writeln!(w, "            bootargs: Some({b:?}),").unwrap(),
             None => writeln!(w, "            bootargs: None,").unwrap(),
         }
+        writeln!(w, "            test_services: {},", vm.test_services).unwrap();
         writeln!(w, "        }},").unwrap();
     }
     writeln!(w, "    ],").unwrap();
@@ -136,6 +137,7 @@ mod tests {
             devices: vec![],
             pci: vec![],
             stream_ids: vec![],
+            test_services: false,
         };
         let mut vm0 = vm("vm0", vec![0, 1], 0x5000_0000);
         vm0.bootargs = Some("selftest.tests=all \"quoted\" \\ back".into());
@@ -197,6 +199,7 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
             payload_name: "selftest",
             payload: include_bytes!("/tmp/x \"y\"/selftest.bin"),
             bootargs: Some("selftest.tests=all \"quoted\" \\ back"),
+            test_services: false,
         },
         crate::config::VmConfig {
             name: "vm1",
@@ -209,6 +212,7 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
             payload_name: "selftest",
             payload: include_bytes!("/tmp/x \"y\"/selftest.bin"),
             bootargs: None,
+            test_services: false,
         },
     ],
 };

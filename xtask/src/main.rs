@@ -4,6 +4,7 @@
 //! validates the board file, builds the guests it names, generates the Rust config the
 //! hypervisor is built with, builds and objcopies the hypervisor, and runs it under QEMU.
 
+mod bench;
 mod board;
 mod ci;
 mod codegen;
@@ -87,6 +88,13 @@ enum Cmd {
         /// Only check; fail if anything would change.
         #[arg(long)]
         check: bool,
+    },
+    /// Run host benchmarks (release build) and write their results as JSON.
+    ///
+    /// Prints a table per benchmark and the path of its JSON (target/bench/<name>.json).
+    Bench {
+        /// Benchmarks to run (default: all): stage2.
+        names: Vec<String>,
     },
     /// Validate a board file and print the Rust config generated from it.
     Config {
@@ -221,6 +229,10 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Fmt { check } => {
             ci::fmt(check)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { names } => {
+            bench::run(&names)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Config { board } => {

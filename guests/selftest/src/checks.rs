@@ -436,16 +436,16 @@ const ABORT_ADDRS: [u64; 7] = [
 ];
 
 /// The outcome of one probing access.
-struct Probe {
+pub(crate) struct Probe {
     /// The exception it took, if any.
-    taken: Option<Taken>,
+    pub(crate) taken: Option<Taken>,
     /// Address of the access instruction.
-    pc: u64,
+    pub(crate) pc: u64,
 }
 
 /// The access took a synchronous external abort at `addr`, reported at the
 /// access instruction.
-fn expect_sea(probe: Probe, addr: u64) -> CheckResult {
+pub(crate) fn expect_sea(probe: Probe, addr: u64) -> CheckResult {
     let Some(t) = probe.taken else {
         fail!("no abort")
     };
@@ -473,7 +473,7 @@ fn expect_sea(probe: Probe, addr: u64) -> CheckResult {
 
 /// A 32-bit load from `addr`; also returns the value loaded (if not
 /// aborted).
-fn probe_read(addr: u64) -> (Probe, u32) {
+pub(crate) fn probe_read(addr: u64) -> (Probe, u32) {
     let (mut value, mut pc) = (0, 0);
     let taken = exception::expect_abort(|| {
         // SAFETY: `addr` is not memory Rust uses. If it is (wrongly) mapped,

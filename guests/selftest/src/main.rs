@@ -50,6 +50,8 @@ mod exception;
 #[cfg(selftest_guest)]
 mod psci;
 #[cfg(selftest_guest)]
+mod remap;
+#[cfg(selftest_guest)]
 mod report;
 
 #[cfg(selftest_guest)]
@@ -57,6 +59,7 @@ mod guest {
     use core::panic::PanicInfo;
 
     use crate::console::println;
+    use crate::remap;
     use crate::report::{Msg, Report};
     use crate::{boot, checks, dt, psci};
 
@@ -134,6 +137,11 @@ mod guest {
             Ok(dt) => {
                 report.record("smp", checks::smp(dt));
                 report.record("memory", checks::memory(dt));
+                match remap::stage2_remap(dt) {
+                    Ok(true) => report.record("stage2-remap", Ok(())),
+                    Ok(false) => report.skip("stage2-remap", "no hypervisor test hypercalls"),
+                    Err(e) => report.record("stage2-remap", Err(e)),
+                }
             }
             Err(_) => {
                 let no_dt = || Err(Msg::new(format_args!("no usable DT")));

@@ -9,4 +9,5 @@ pub mod gic;
 pub mod mmu;
 pub mod platform;
 pub mod sysreg;
+pub mod tlb;
 pub mod vcpu;

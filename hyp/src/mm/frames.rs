@@ -62,6 +62,29 @@ impl Default for FramePool {
     }
 }
 
+/// Stage-2 tables draw pages from the pool (through a lock-free `PagePool` in front of it).
+impl crate::mm::stage2::PageAllocator for FramePool {
+    fn alloc_page(&self) -> Option<u64> {
+        self.alloc_zeroed(1)
+    }
+
+    fn alloc_pages(&self, pages: usize) -> Option<u64> {
+        self.alloc_zeroed(pages)
+    }
+
+    fn free_page(&self, pa: u64) {
+        self.free(pa, 1);
+    }
+
+    fn free_pages(&self, pa: u64, pages: usize) {
+        self.free(pa, pages);
+    }
+
+    fn table(&self, pa: u64) -> *const crate::mm::stage2::AtomicU64 {
+        pa as *const crate::mm::stage2::AtomicU64
+    }
+}
+
 impl TableAlloc for &'static FramePool {
     fn alloc_pages(&self, pages: usize) -> Option<u64> {
         self.alloc_zeroed(pages)

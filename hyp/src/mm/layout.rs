@@ -140,6 +140,7 @@ mod tests {
             payload_name: "selftest",
             payload: &[],
             bootargs: None,
+            test_services: false,
         }
     }
 

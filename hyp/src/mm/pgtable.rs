@@ -17,13 +17,14 @@ const ENTRIES: usize = 512;
 const PAGE_SHIFT: u32 = 12;
 /// Bytes in a 4 KiB page.
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
-const DESC_VALID: u64 = 1 << 0;
+pub(crate) const DESC_VALID: u64 = 1 << 0;
 /// Bit 1 distinguishes tables/pages (1) from blocks (0) at levels 0–2 and must be 1 at level 3.
-const DESC_TABLE_OR_PAGE: u64 = 1 << 1;
+pub(crate) const DESC_TABLE_OR_PAGE: u64 = 1 << 1;
 const DESC_AF: u64 = 1 << 10;
 const DESC_SH_INNER: u64 = 0b11 << 8;
 const DESC_XN: u64 = 1 << 54;
-const ADDR_MASK: u64 = 0x0000_ffff_ffff_f000;
+/// Output address bits of a descriptor (48-bit PA).
+pub(crate) const ADDR_MASK: u64 = 0x0000_ffff_ffff_f000;
 
 /// Which translation regime a table belongs to: the descriptor attribute encodings differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,7 +96,9 @@ impl Attrs {
         exec: false,
     };
 
-    fn encode(self, regime: Regime) -> u64 {
+    /// The attribute bits (and AF) of a leaf descriptor for `regime`: no address, no valid/type
+    /// bits.
+    pub(crate) fn encode(self, regime: Regime) -> u64 {
         let mut d = DESC_AF;
         if self.mem == MemType::Normal {
             d |= DESC_SH_INNER;
@@ -129,7 +132,8 @@ impl Attrs {
         }
     }
 
-    fn decode(desc: u64, regime: Regime) -> Attrs {
+    /// The attributes of a leaf descriptor `desc` of `regime` (inverse of [`Attrs::encode`]).
+    pub(crate) fn decode(desc: u64, regime: Regime) -> Attrs {
         let exec = desc & DESC_XN == 0;
         match regime {
             Regime::El2 | Regime::El1 => Attrs {
@@ -165,6 +169,18 @@ pub enum MapError {
     AlreadyMapped { va: u64 },
     /// No memory for a new table.
     NoMemory,
+    /// Part of the range (starting at `va`) is not mapped (stage-2 `protect`).
+    NotMapped { va: u64 },
+    /// `protect` would change the memory type of the mapping at `va`; only permissions may
+    /// change in place (a type change needs unmap, sync, map).
+    MemTypeChange { va: u64 },
+    /// The operation would have to split the block mapping `va` while the table is live, and the
+    /// table's split policy forbids that.
+    WouldSplit { va: u64 },
+    /// The output range does not fit in the 48-bit physical address space.
+    OutputOutOfRange { pa: u64, size: u64 },
+    /// The table cannot be built for this input address size.
+    UnsupportedInputSize { bits: u32 },
 }
 
 impl fmt::Display for MapError {
@@ -181,6 +197,19 @@ impl fmt::Display for MapError {
             }
             MapError::AlreadyMapped { va } => write!(f, "{va:#x} is already mapped"),
             MapError::NoMemory => write!(f, "out of memory for page tables"),
+            MapError::NotMapped { va } => write!(f, "{va:#x} is not mapped"),
+            MapError::MemTypeChange { va } => {
+                write!(f, "changing the memory type of the mapping at {va:#x}")
+            }
+            MapError::WouldSplit { va } => {
+                write!(f, "the block mapping {va:#x} cannot be split while live")
+            }
+            MapError::OutputOutOfRange { pa, size } => {
+                write!(f, "output range {pa:#x}+{size:#x} exceeds 48 bits")
+            }
+            MapError::UnsupportedInputSize { bits } => {
+                write!(f, "unsupported input address size of {bits} bits")
+            }
         }
     }
 }

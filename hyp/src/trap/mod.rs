@@ -10,6 +10,7 @@
 //! - the rest as the arch layer sees fit.
 
 pub mod esr;
+pub mod hyptest;
 pub mod inject;
 pub mod mmio;
 pub mod psci;

@@ -119,6 +119,49 @@ impl TlbGather {
     }
 }
 
+/// One range invalidation (CPU FEAT_TLBIRANGE `RIPAS2E1IS`, SMMUv3 `IDR3.RIL` range commands):
+/// `(num + 1) << (5 * scale + 1)` pages from `ipa`, `num` in 0..=31, `scale` in 0..=3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeOp {
+    pub ipa: u64,
+    pub num: u64,
+    pub scale: u64,
+}
+
+impl RangeOp {
+    /// Pages this operation covers.
+    pub fn pages(&self) -> u64 {
+        (self.num + 1) << (5 * self.scale + 1)
+    }
+}
+
+/// Splits `pages` 4 KiB pages from `ipa` into range operations. Each operation uses the smallest
+/// scale whose 32 units cover what is left, so it over-covers by less than one unit (harmless: an
+/// extra invalidation) and a range needs at most a few operations.
+pub fn range_ops(ipa: u64, pages: u64) -> impl Iterator<Item = RangeOp> {
+    let mut ipa = ipa;
+    let mut left = pages;
+    core::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let scale = (0..4u64)
+            .find(|&s| left.div_ceil(1 << (5 * s + 1)) <= 32)
+            .unwrap_or(3);
+        let unit = 1u64 << (5 * scale + 1);
+        let num = left.div_ceil(unit).clamp(1, 32);
+        let op = RangeOp {
+            ipa,
+            num: num - 1,
+            scale,
+        };
+        let covered = op.pages().min(left);
+        ipa += covered * 4096;
+        left -= covered;
+        Some(op)
+    })
+}
+
 /// An agent that caches translations from a VM's stage-2 tables: the CPUs, an SMMU.
 ///
 /// `invalidate` may only queue the work; `sync` returns once every invalidation queued by this
@@ -168,6 +211,42 @@ mod tests {
         assert!(!inv.leaf_only);
         assert_eq!(g.take_freed(), vec![0x1234_5000]);
         assert!(g.is_empty());
+    }
+
+    #[test]
+    fn range_ops_cover_exactly_with_little_waste() {
+        for pages in [
+            1u64,
+            2,
+            3,
+            31,
+            32,
+            33,
+            64,
+            65,
+            1000,
+            1 << 16,
+            (1 << 21) + 5,
+            1 << 22,
+        ] {
+            let ops: Vec<_> = range_ops(0x4000_0000, pages).collect();
+            let mut at = 0x4000_0000u64;
+            let mut covered = 0;
+            for op in &ops {
+                assert_eq!(op.ipa, at, "operations are contiguous");
+                assert!(op.num <= 31 && op.scale <= 3);
+                at += op.pages() * 4096;
+                covered += op.pages();
+            }
+            assert!(covered >= pages, "{pages}: covered {covered}");
+            let last_unit = ops.last().map(|o| 1u64 << (5 * o.scale + 1)).unwrap();
+            assert!(
+                covered - pages < last_unit,
+                "{pages}: waste {}",
+                covered - pages
+            );
+            assert!(ops.len() <= 4, "{pages}: {} operations", ops.len());
+        }
     }
 
     #[test]
