@@ -283,6 +283,11 @@ fn measure(configs: &mut [Config], dur: Duration, reps: usize) {
     }
     for _ in 0..reps {
         for c in configs.iter_mut() {
+            // Let the machine settle after the previous configuration (a contended spin lock
+            // makes a virtual machine's host deschedule our vCPUs), and get every thread of this
+            // one running before the clock starts.
+            std::thread::sleep(Duration::from_millis(50));
+            run_once(&c.subject, c.size, c.threads, dur / 10);
             let ops = run_once(&c.subject, c.size, c.threads, dur);
             c.reps.push(ops);
         }

@@ -283,6 +283,14 @@ fn table_desc(pa: u64) -> u64 {
     pa | DESC_VALID | DESC_TABLE_OR_PAGE
 }
 
+/// Outcome of [`Stage2Table::map_single`].
+enum Single {
+    Done,
+    Mapped(u64),
+    NoMemory,
+    General,
+}
+
 enum Walk {
     Hole { level: u32 },
     Leaf { desc: u64, level: u32 },
@@ -436,14 +444,68 @@ impl<A: PageAllocator, W: WalkerSync> Stage2Table<A, W> {
             _ => return Err(MapError::OutputOutOfRange { pa, size }),
         }
         let _op = self.begin(ipa, size);
+        let bits = attrs.encode(Regime::Stage2);
+        // Fast path: the range is exactly one page or block. One walk, one CAS: either the entry
+        // was empty and now maps the range, or nothing changed.
+        match self.map_single(ipa, pa, size, bits) {
+            Single::Done => {
+                self.walker.publish_barrier();
+                return Ok(());
+            }
+            Single::Mapped(at) => return Err(MapError::AlreadyMapped { va: at }),
+            Single::NoMemory => return Err(MapError::NoMemory),
+            Single::General => {}
+        }
         if let Some(at) = self.first_mapped(ipa, size) {
             return Err(MapError::AlreadyMapped { va: at });
         }
-        let bits = attrs.encode(Regime::Stage2);
         let result = self.map_level(self.start_level, self.root, ipa, pa, size, bits);
         // Every new leaf is visible to the walkers before `map` returns (Linux: the final wmb).
         self.walker.publish_barrier();
         result
+    }
+
+    /// Maps `[ipa, ipa + size)` with a single leaf entry if the range is exactly one page or one
+    /// block this table may use; [`Single::General`] when it is not (or when an empty table left
+    /// by earlier unmaps sits where the block would go: then the general path maps pieces).
+    fn map_single(&self, ipa: u64, pa: u64, size: u64, bits: u64) -> Single {
+        let level = match size {
+            s if s == level_size(3) => 3,
+            s if s == level_size(2) && self.cfg.split != SplitPolicy::NoLiveSplits => 2,
+            s if s == level_size(1) && self.cfg.split != SplitPolicy::NoLiveSplits => 1,
+            _ => return Single::General,
+        };
+        if (ipa | pa) & (size - 1) != 0 || level < self.start_level {
+            return Single::General;
+        }
+        let mut table = self.root;
+        for l in self.start_level..level {
+            let entry = self.entry(table, self.index(l, ipa));
+            let cur = entry.load(Ordering::Acquire);
+            table = match classify(cur, l) {
+                Entry::Table(next) => next,
+                Entry::Empty => match self.next_table(l, entry, cur, ipa) {
+                    Ok(next) => next,
+                    Err(MapError::NoMemory) => return Single::NoMemory,
+                    Err(_) => return Single::Mapped(ipa),
+                },
+                Entry::Leaf(_) | Entry::Splitting(_) => return Single::Mapped(ipa),
+            };
+        }
+        let kind = if level == 3 {
+            DESC_VALID | DESC_TABLE_OR_PAGE
+        } else {
+            DESC_VALID
+        };
+        let entry = self.entry(table, self.index(level, ipa));
+        match entry.compare_exchange(0, pa | bits | kind, Ordering::Release, Ordering::Acquire) {
+            Ok(_) => {
+                self.clean_entry(entry);
+                Single::Done
+            }
+            Err(cur) if matches!(classify(cur, level), Entry::Table(_)) => Single::General,
+            Err(_) => Single::Mapped(ipa),
+        }
     }
 
     fn map_level(
@@ -697,7 +759,39 @@ impl<A: PageAllocator, W: WalkerSync> Stage2Table<A, W> {
     ) -> Result<u64, MapError> {
         self.check_input(ipa, 0, size)?;
         let _op = self.begin(ipa, size);
+        if let Some(bytes) = self.unmap_single(ipa, size, gather) {
+            return Ok(bytes);
+        }
         self.unmap_level(self.start_level, self.root, ipa, size, gather, brk)
+    }
+
+    /// Fast path of [`Stage2Table::unmap`]: the range is exactly one leaf entry (a page, or a
+    /// block mapped as such). One walk, one store. `None` when the general path is needed (a
+    /// table or a hole where the leaf should be, or a block to split).
+    fn unmap_single(&self, ipa: u64, size: u64, gather: &mut TlbGather) -> Option<u64> {
+        let target = (1..=3).find(|&l| level_size(l) == size)?;
+        if ipa & (size - 1) != 0 || target < self.start_level {
+            return None;
+        }
+        let mut table = self.root;
+        let mut level = self.start_level;
+        loop {
+            let entry = self.entry(table, self.index(level, ipa));
+            match classify(entry.load(Ordering::Acquire), level) {
+                Entry::Table(next) if level < target => {
+                    table = next;
+                    level += 1;
+                }
+                Entry::Leaf(_) if level == target => {
+                    // As in `unmap_level`: this entry belongs to this operation alone.
+                    entry.store(0, Ordering::Release);
+                    self.clean_entry(entry);
+                    gather.add_leaf(ipa, size, level as u8);
+                    return Some(size);
+                }
+                _ => return None,
+            }
+        }
     }
 
     fn unmap_level(
@@ -721,12 +815,10 @@ impl<A: PageAllocator, W: WalkerSync> Stage2Table<A, W> {
                     Entry::Empty => break,
                     Entry::Splitting(_) => cur = self.wait_split(entry),
                     Entry::Leaf(_) if whole => {
-                        if let Err(actual) =
-                            entry.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Acquire)
-                        {
-                            cur = actual;
-                            continue;
-                        }
+                        // A plain store: the contract gives this entry to this operation alone
+                        // (any other operation that could change it overlaps our range), and no
+                        // walker writes entries (no hardware access/dirty flag updates).
+                        entry.store(0, Ordering::Release);
                         self.clean_entry(entry);
                         gather.add_leaf(ipa, span, level as u8);
                         bytes += span;
@@ -1018,6 +1110,11 @@ impl<A: PageAllocator, W: WalkerSync> Stage2<A, W> {
     /// using them).
     pub fn sync(&self, gather: &mut TlbGather) -> Result<(), TlbError> {
         if gather.is_empty() {
+            return Ok(());
+        }
+        if self.agents.is_empty() && !gather.has_freed() {
+            // No walker caches this table yet (a VM being built) and nothing to free.
+            gather.reset();
             return Ok(());
         }
         let inv = gather.invalidation(self.vmid);

@@ -110,6 +110,24 @@ impl TlbGather {
         }
     }
 
+    /// True when the batch unlinked table pages that await the sync.
+    pub fn has_freed(&self) -> bool {
+        !self.freed.is_empty()
+    }
+
+    /// Forgets everything recorded (nothing was freed).
+    pub fn reset(&mut self) {
+        debug_assert!(
+            self.freed.is_empty(),
+            "resetting a gather that holds unlinked tables"
+        );
+        self.start = u64::MAX;
+        self.end = 0;
+        self.leaf_only = true;
+        self.level = 0;
+        self.full = false;
+    }
+
     /// Empties the gather, handing out the pages that can now be freed. Only call after every
     /// agent's sync completed.
     pub fn take_freed(&mut self) -> Vec<u64> {
