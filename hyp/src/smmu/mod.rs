@@ -1,7 +1,9 @@
-//! The SMMUs the hypervisor owns. For now: what their ID registers say about the stage-2 tables
-//! they will walk (output address size, break-before-make level, coherent walks), which decides
-//! the IPA size and the split policy of every VM's stage 2. The drivers come with the SMMU issue.
+//! The SMMUs the hypervisor owns: what their ID registers say about the stage-2 tables they walk
+//! ([`id`]), the SMMUv3 driver and formats ([`v3`]), and the emulated SMMUv3 each VM sees
+//! ([`vsmmu`]).
 
 pub mod id;
+pub mod v3;
+pub mod vsmmu;
 
 pub use id::{SmmuCaps, read_caps};

@@ -1,5 +1,6 @@
 //! Emulated devices, plugged into a VM's [`MmioBus`](crate::trap::MmioBus).
 
+pub mod pci_ecam;
 pub mod pl011;
 
 pub use pl011::{ConsoleSink, PL011_MMIO_SIZE, VirtPl011};
