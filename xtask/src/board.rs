@@ -63,6 +63,9 @@ pub struct QemuSection {
     pub cpu: String,
     /// `-smp` value: number of physical CPUs.
     pub smp: u32,
+    /// Extra `-device` values (e.g. the PCI DMA masters the VMs own).
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// `[[vm]]`
@@ -210,6 +213,8 @@ pub struct Qemu {
     pub smp: u32,
     /// Bytes of RAM (`-m`): the board's single RAM bank.
     pub memory: u64,
+    /// Extra `-device` values.
+    pub devices: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -476,6 +481,7 @@ impl BoardFile {
                 cpu: q.cpu.clone(),
                 smp: q.smp,
                 memory,
+                devices: q.devices.clone(),
             }
         });
 
@@ -881,6 +887,7 @@ memory = [{ ipa = 0x8000_0000, pa = 0x5800_0000, size = 0x400_0000 }]
                 cpu: "max".into(),
                 smp: 4,
                 memory: 1 << 30,
+                devices: vec![],
             })
         );
         assert_eq!(b.vms.len(), 2);

@@ -165,6 +165,7 @@ mod tests {
                 cpu: "max".into(),
                 smp: 4,
                 memory: 1 << 30,
+                devices: vec![],
             }),
             vms: vec![vm0, vm("vm1", vec![2, 3], 0x5800_0000)],
         }

@@ -210,6 +210,9 @@ pub fn command(qemu: &Path, board: &Board, kernel: &Path) -> Result<Command> {
     if board.exit == Exit::Semihosting {
         cmd.arg("-semihosting");
     }
+    for d in &q.devices {
+        cmd.args(["-device", d]);
+    }
     cmd.args(["-nographic", "-nic", "none", "-no-reboot", "-kernel"])
         .arg(kernel);
     Ok(cmd)

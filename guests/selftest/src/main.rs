@@ -14,11 +14,16 @@
 //! Bootargs (`/chosen/bootargs`, whitespace separated):
 //! * `selftest.tests=all` (default): the standard checks;
 //! * `selftest.tests=abort`: the standard checks plus the abort checks;
+//! * `selftest.tests=dma`, or `selftest.dma` with any of the above: the
+//!   standard checks plus the DMA checks (`dma.rs`: an SMMUv3 and QEMU's
+//!   `edu` PCI device, which must be given with
+//!   `-device edu,dma_mask=0xffffffffffffffff`);
 //! * `selftest.panic`: panic right after the banner (a guest panic must fail
 //!   the run);
 //! * `selftest.bare`: running without the hypervisor (smoke test on bare
 //!   QEMU, whose built-in PSCI lacks SMCCC_VERSION and where `smc` is
-//!   undefined): skips the `smccc-version` and `psci-smc` checks.
+//!   undefined): skips the `smccc-version` and `psci-smc` checks, and the
+//!   part of the DMA checks that needs a hypervisor.
 //!
 //! Smoke test on bare QEMU (no hypervisor; the guest itself runs at EL1 and
 //! QEMU implements PSCI over `hvc`). QEMU loads an Image at RAM base + 2 MiB,
@@ -31,7 +36,15 @@
 //!     -no-reboot -kernel selftest.bin -append selftest.bare
 //! ```
 //!
-//! `ALL PASS` then SYSTEM_OFF makes QEMU exit with status 0.
+//! `ALL PASS` then SYSTEM_OFF makes QEMU exit with status 0. The DMA checks on
+//! bare QEMU (the guest programs QEMU's own SMMUv3):
+//!
+//! ```text
+//! qemu-system-aarch64 -M virt,gic-version=3,iommu=smmuv3 -cpu max -smp 2 -m 1G \
+//!     -nographic -no-reboot -kernel selftest.bin \
+//!     -append 'selftest.bare selftest.tests=dma' \
+//!     -device edu,dma_mask=0xffffffffffffffff,addr=01.0
+//! ```
 
 #![cfg_attr(selftest_guest, no_std, no_main)]
 
@@ -44,15 +57,23 @@ mod checks;
 #[cfg(selftest_guest)]
 mod console;
 #[cfg(selftest_guest)]
+mod dma;
+#[cfg(selftest_guest)]
 mod dt;
 #[cfg(selftest_guest)]
+mod edu;
+#[cfg(selftest_guest)]
 mod exception;
+#[cfg(selftest_guest)]
+mod pci;
 #[cfg(selftest_guest)]
 mod psci;
 #[cfg(selftest_guest)]
 mod remap;
 #[cfg(selftest_guest)]
 mod report;
+#[cfg(selftest_guest)]
+mod smmu;
 
 #[cfg(selftest_guest)]
 mod guest {
@@ -61,12 +82,14 @@ mod guest {
     use crate::console::println;
     use crate::remap;
     use crate::report::{Msg, Report};
-    use crate::{boot, checks, dt, psci};
+    use crate::{boot, checks, dma, dt, psci};
 
     /// What the bootargs ask for.
     #[derive(Default)]
     struct Config<'a> {
         aborts: bool,
+        /// The DMA checks (SMMUv3 + edu).
+        dma: bool,
         panic: bool,
         bare: bool,
         /// An unknown `selftest.tests=` value.
@@ -81,8 +104,11 @@ mod guest {
                     match tests {
                         "all" => cfg.aborts = false,
                         "abort" => cfg.aborts = true,
+                        "dma" => cfg.dma = true,
                         other => cfg.bad_tests = Some(other),
                     }
+                } else if word == "selftest.dma" {
+                    cfg.dma = true;
                 } else if word == "selftest.panic" {
                     cfg.panic = true;
                 } else if word == "selftest.bare" {
@@ -115,7 +141,7 @@ mod guest {
             report.record(
                 "bootargs",
                 Err(Msg::new(format_args!(
-                    "unknown selftest.tests={bad} (want all or abort)"
+                    "unknown selftest.tests={bad} (want all, abort or dma)"
                 ))),
             );
         }
@@ -153,6 +179,9 @@ mod guest {
         report.record("mmio-emul", checks::mmio_emul());
         if cfg.aborts {
             checks::aborts(&mut report, dt.as_ref().ok());
+        }
+        if cfg.dma {
+            dma::run(&mut report, dt.as_ref().ok(), cfg.bare);
         }
         report.finish()
     }

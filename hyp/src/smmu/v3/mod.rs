@@ -5,5 +5,7 @@ pub mod cmd;
 pub mod cmdq;
 pub mod driver;
 pub mod event;
+#[cfg(test)]
+pub(crate) mod model;
 pub mod regs;
 pub mod ste;

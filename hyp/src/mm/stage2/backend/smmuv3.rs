@@ -43,41 +43,35 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::mm::stage2::tlb::{FULL_FLUSH_PAGES, Invalidation, TlbBackend, TlbError};
+use crate::smmu::v3::cmd::{self, Command as V3Command, op};
 
 /// One 16-byte SMMUv3 command: two little-endian doublewords.
 pub type Command = [u64; 2];
 
 /// `CMD_TLBI_NH_ALL`: every non-hyp stage-1 entry (and combined entry) of a VMID.
-pub const OP_TLBI_NH_ALL: u8 = 0x10;
+pub const OP_TLBI_NH_ALL: u8 = op::TLBI_NH_ALL;
 /// `CMD_TLBI_S12_VMALL`: every stage-1, stage-2 and combined entry of a VMID.
-pub const OP_TLBI_S12_VMALL: u8 = 0x28;
+pub const OP_TLBI_S12_VMALL: u8 = op::TLBI_S12_VMALL;
 /// `CMD_TLBI_S2_IPA`: stage-2 entries by IPA (or IPA range).
-pub const OP_TLBI_S2_IPA: u8 = 0x2a;
+pub const OP_TLBI_S2_IPA: u8 = op::TLBI_S2_IPA;
 /// `CMD_SYNC`.
-pub const OP_SYNC: u8 = 0x46;
+pub const OP_SYNC: u8 = op::SYNC;
 
 /// `CMD_SYNC.CS`: no completion signal (software polls the queue's CONS).
-pub const SYNC_CS_NONE: u8 = 0;
+pub const SYNC_CS_NONE: u8 = cmd::SYNC_CS_NONE;
 /// `CMD_SYNC.CS`: signal completion with an interrupt/MSI.
-pub const SYNC_CS_IRQ: u8 = 1;
+pub const SYNC_CS_IRQ: u8 = cmd::SYNC_CS_IRQ;
 /// `CMD_SYNC.CS`: signal completion with SEV.
-pub const SYNC_CS_SEV: u8 = 2;
+pub const SYNC_CS_SEV: u8 = cmd::SYNC_CS_SEV;
 
-// Doubleword 0.
+/// Opcode field of doubleword 0.
 const D0_OP_MASK: u64 = 0xff;
-const D0_NUM_SHIFT: u32 = 12; // NUM[16:12]
-const D0_SCALE_SHIFT: u32 = 20; // SCALE[24:20]
-const D0_VMID_SHIFT: u32 = 32; // VMID[47:32]
-const D0_SYNC_CS_SHIFT: u32 = 12; // CMD_SYNC CS[13:12]
-const FIELD5: u64 = 0x1f;
-// Doubleword 1.
+/// `LEAF`, doubleword 1 bit 0.
+#[cfg(test)]
 const D1_LEAF: u64 = 1 << 0;
-const D1_TTL_SHIFT: u32 = 8; // TTL[9:8]
-const D1_TG_SHIFT: u32 = 10; // TG[11:10]
-const D1_IPA_MASK: u64 = ((1 << 52) - 1) & !0xfff; // IPA[51:12]
+/// The IPA bits a stage-2 table can translate: [51:12].
+const D1_IPA_MASK: u64 = ((1 << 52) - 1) & !0xfff;
 
-/// TG encoding of the 4 KiB granule.
-const TG_4K: u64 = 0b01;
 const PAGE_SHIFT: u32 = 12;
 const PAGE: u64 = 1 << PAGE_SHIFT;
 /// Largest NUM + 1 a range command takes (NUM is 5 bits, but the decomposition below uses the
@@ -91,10 +85,6 @@ pub(crate) fn level_size(level: u8) -> u64 {
     1 << (PAGE_SHIFT + 9 * (3 - u32::from(level)))
 }
 
-fn opcode(op: u8, vmid: u16) -> u64 {
-    u64::from(op) | (u64::from(vmid) << D0_VMID_SHIFT)
-}
-
 /// `CMD_TLBI_S2_IPA` for `vmid` at `ipa`.
 ///
 /// `range`: `None` for the single-address form (TG = 0: no range, no TTL hint; `ttl` must be 0),
@@ -104,40 +94,48 @@ fn opcode(op: u8, vmid: u16) -> u64 {
 /// TTL is only a correct hint together with `leaf`.
 pub fn tlbi_s2_ipa(vmid: u16, ipa: u64, leaf: bool, ttl: u8, range: Option<(u8, u8)>) -> Command {
     debug_assert!(ttl <= 3);
-    let mut d0 = opcode(OP_TLBI_S2_IPA, vmid);
-    let mut d1 = ipa & D1_IPA_MASK;
-    if leaf {
-        d1 |= D1_LEAF;
-    }
-    match range {
+    let (tg, num, scale, ttl) = match range {
         Some((num, scale)) => {
-            debug_assert!(u64::from(num) <= FIELD5 && u32::from(scale) <= RANGE_SCALE_MAX);
-            d0 |= (u64::from(num) & FIELD5) << D0_NUM_SHIFT;
-            d0 |= (u64::from(scale) & FIELD5) << D0_SCALE_SHIFT;
-            d1 |= TG_4K << D1_TG_SHIFT;
-            d1 |= (u64::from(ttl) & 0b11) << D1_TTL_SHIFT;
+            debug_assert!(num <= 31 && u32::from(scale) <= RANGE_SCALE_MAX);
+            (cmd::TG_4K, num, scale, ttl)
         }
-        None => debug_assert_eq!(ttl, 0, "TTL needs TG, which only the range form sets"),
+        None => {
+            debug_assert_eq!(ttl, 0, "TTL needs TG, which only the range form sets");
+            (0, 0, 0, 0)
+        }
+    };
+    V3Command::TlbiS2Ipa {
+        vmid,
+        addr: ipa & D1_IPA_MASK,
+        leaf,
+        ttl,
+        tg,
+        num,
+        scale,
     }
-    [d0, d1]
+    .encode()
 }
 
 /// `CMD_TLBI_S12_VMALL`: everything cached for `vmid` (stage 1, stage 2 and combined).
 pub fn tlbi_s12_vmall(vmid: u16) -> Command {
-    [opcode(OP_TLBI_S12_VMALL, vmid), 0]
+    V3Command::TlbiS12Vmall { vmid }.encode()
 }
 
 /// `CMD_TLBI_NH_ALL`: every non-hyp stage-1 and combined stage-1+2 entry of `vmid`.
 pub fn tlbi_nh_all(vmid: u16) -> Command {
-    [opcode(OP_TLBI_NH_ALL, vmid), 0]
+    V3Command::TlbiNhAll { vmid }.encode()
 }
 
 /// `CMD_SYNC` with completion signal `cs` ([`SYNC_CS_NONE`], [`SYNC_CS_IRQ`], [`SYNC_CS_SEV`]).
 pub fn cmd_sync(cs: u8) -> Command {
-    [
-        u64::from(OP_SYNC) | ((u64::from(cs) & 0b11) << D0_SYNC_CS_SHIFT),
-        0,
-    ]
+    V3Command::Sync {
+        cs: cs & 0b11,
+        msh: 0,
+        msiattr: 0,
+        msidata: 0,
+        msiaddr: 0,
+    }
+    .encode()
 }
 
 /// Splits `pages` 4 KiB pages into range-command pieces, in address order: `(num, scale,

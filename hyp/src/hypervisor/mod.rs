@@ -27,12 +27,20 @@ use crate::dt::{self, GuestSpec, Machine};
 use crate::mm::frames::FramePool;
 use crate::mm::layout::{self, Range};
 use crate::mm::pgtable::{Attrs, PageTable, Regime};
+use crate::mm::stage2::backend::smmuv3::SmmuV3Tlb;
 use crate::mm::stage2::{PagePool, SplitPolicy, Stage2, Stage2Config, Stage2Table};
 use crate::run::{self, RunTracker, StopReason, VmRunState};
 use crate::smmu;
+use crate::smmu::v3::cmdq::{CmdQueue, CmdqOptions};
+use crate::smmu::v3::driver::{HeapDma, MmioAt, SmmuV3};
+use crate::smmu::v3::ste::{S2Config, Ste};
+use crate::smmu::vsmmu::{PhysError, PhysSmmu, VSMMU_MMIO_SIZE, VSmmu, VsmmuIrq};
 use crate::trap::hyptest::{self, HypTestCall};
 use crate::trap::{self, AbortKind, GuestExcState, MmioBus, PsciOutcome, Trap, VPsci};
+use crate::vdev::pci_ecam::{BarAllocator, EcamWindow, VirtEcam};
 use crate::vdev::{ConsoleSink, VirtPl011};
+
+mod devices;
 
 mod board {
     include!(concat!(env!("OUT_DIR"), "/board_config.rs"));
@@ -68,6 +76,10 @@ static FRAMES: FramePool = FramePool::new();
 static TABLE_PAGES: Once<PagePool<&'static FramePool>> = Once::new();
 /// Stage-2 geometry and split policy shared by every VM (see [`stage2_config`]).
 static STAGE2: Once<Stage2Config> = Once::new();
+/// The SMMUv3 the hypervisor owns, if the machine has one.
+static SMMU: Once<Option<SmmuHost>> = Once::new();
+/// Which VM's emulated SMMU each StreamID belongs to (for routing physical events).
+static SID_OWNERS: Once<Vec<(u32, Arc<VSmmu>)>> = Once::new();
 static MACHINE: Once<Machine> = Once::new();
 static VMS: Once<Vec<Vm>> = Once::new();
 static TRACKER: Once<RunTracker> = Once::new();
@@ -84,8 +96,10 @@ pub struct Vm {
     pub mmio: MmioBus,
     pub state: VmRunState,
     pub console: Option<Arc<VirtPl011>>,
-    /// The VM's stage-2 table, shared by its vCPUs (and later its SMMU streams).
-    pub stage2: VmStage2,
+    /// The VM's stage-2 table, shared by its vCPUs and the SMMU streams of its devices.
+    pub stage2: Arc<VmStage2>,
+    /// The VM's emulated SMMUv3, when it has DMA masters behind the SMMU.
+    pub vsmmu: Option<Arc<VSmmu>>,
     /// VTCR/VTTBR values for this VM.
     pub s2regs: hw::Stage2Regs,
     /// Physical CPU index of each vCPU.
@@ -275,7 +289,14 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
 
     STAGE2.call_once(|| stage2_config(machine));
     TABLE_PAGES.call_once(|| PagePool::new(&FRAMES, TABLE_POOL_BATCH));
+    SMMU.call_once(|| init_smmu(machine));
     let vms = create_vms(machine, blob);
+    SID_OWNERS.call_once(|| {
+        vms.iter()
+            .filter_map(|vm| vm.vsmmu.as_ref())
+            .flat_map(|v| v.stream_ids().iter().map(move |&sid| (sid, v.clone())))
+            .collect()
+    });
     let mut owners: Vec<Option<(usize, usize)>> = alloc::vec![None; machine.cpus.len()];
     for (vi, vm) in vms.iter().enumerate() {
         for (v, &p) in vm.pcpus.iter().enumerate() {
@@ -516,13 +537,183 @@ fn stage2_config(machine: &Machine) -> Stage2Config {
     }
 }
 
+/// The SMMUv3 the hypervisor drives, with its lock-free command queue.
+pub struct SmmuHost {
+    pub driver: SmmuV3,
+    pub cmdq: Arc<CmdQueue>,
+    /// Register base (also where each VM's emulated SMMU appears: IPA = PA).
+    pub base: u64,
+    pub oas_bits: u32,
+    pub ril: bool,
+}
+
+/// Probes and resets the first SMMUv3 in the DT: every stream aborts, GBPA aborts (no bypass
+/// ever), then the command queue goes lock-free.
+fn init_smmu(machine: &Machine) -> Option<SmmuHost> {
+    let s = machine.smmus.iter().find(|s| s.kind == dt::SmmuKind::V3)?;
+    // SAFETY: the SMMU's registers come from the DT, are in the final EL2 map, and only this
+    // driver touches them.
+    let mmio = Arc::new(unsafe { MmioAt::new(s.base) });
+    let clean: fn(u64, usize) = |pa, len| sysreg::clean_dcache_range(pa, len as u64);
+    // SAFETY: the heap is identity-mapped normal memory the SMMU can reach.
+    let dma = Arc::new(unsafe { HeapDma::new(Some(clean)) });
+    let fail = |what: &str, e: &dyn core::fmt::Display| -> ! {
+        fatal(format_args!("SMMU {}: {what}: {e}", s.path))
+    };
+    let driver = SmmuV3::probe(mmio, dma, Some(16)).unwrap_or_else(|e| fail("probe", &e));
+    driver.reset().unwrap_or_else(|e| fail("reset", &e));
+    let cmdq = driver
+        .install_cmd_queue(CmdqOptions::default())
+        .unwrap_or_else(|e| fail("command queue", &e));
+    let caps = *driver.caps();
+    info!(
+        "SMMUv3 {}: reset, every stream aborts; {}-bit StreamIDs ({}), {} command slots, nested {}",
+        s.path,
+        caps.sid_bits,
+        if caps.two_level {
+            "2-level table"
+        } else {
+            "linear table"
+        },
+        1u32 << caps.cmdq_log2size,
+        caps.nested
+    );
+    if !caps.nested {
+        fatal(format_args!(
+            "SMMU {}: no nested (stage 1 + 2) translation",
+            s.path
+        ));
+    }
+    Some(SmmuHost {
+        driver,
+        cmdq,
+        base: s.base,
+        oas_bits: caps.oas_bits,
+        ril: caps.ril,
+    })
+}
+
+/// The physical SMMU as a VM's emulated SMMU uses it.
+struct PhysSmmuPort(&'static SmmuHost);
+
+impl PhysSmmu for PhysSmmuPort {
+    fn write_ste(&self, sid: u32, ste: Ste) -> Result<(), PhysError> {
+        self.0.driver.write_ste(sid, ste).map_err(|e| {
+            warn!("SMMU: STE {sid:#x}: {e}");
+            PhysError::Other("STE write failed")
+        })
+    }
+
+    fn submit(&self, cmds: &[[u64; 2]]) -> Result<(), PhysError> {
+        self.0.cmdq.issue(cmds, false).map_err(|e| {
+            warn!("SMMU: command queue: {e:?}");
+            PhysError::Other("command queue")
+        })
+    }
+
+    fn sync(&self) -> Result<(), PhysError> {
+        self.0.cmdq.issue(&[], true).map_err(|e| {
+            warn!("SMMU: CMD_SYNC: {e:?}");
+            PhysError::Timeout
+        })
+    }
+
+    fn idr(&self) -> [u32; 6] {
+        self.0.driver.caps().idr
+    }
+
+    fn iidr(&self) -> u32 {
+        self.0
+            .driver
+            .mmio()
+            .read32(crate::smmu::v3::regs::off::IIDR)
+    }
+
+    fn aidr(&self) -> u32 {
+        self.0
+            .driver
+            .mmio()
+            .read32(crate::smmu::v3::regs::off::AIDR)
+    }
+}
+
+/// The emulated SMMU's interrupts: nowhere to go until the vGIC exists (guests poll).
+struct NoVirtualIrq;
+
+impl VsmmuIrq for NoVirtualIrq {
+    fn eventq(&self) {}
+    fn gerror(&self) {}
+    fn cmd_sync(&self) {}
+}
+
+/// A VM's emulated SMMU on its MMIO bus: before each access, physical events are routed to the
+/// emulated SMMUs of the VMs that own their streams (there are no interrupts yet, so a guest
+/// polling its event queue is what drives this).
+struct VSmmuPort(Arc<VSmmu>);
+
+impl crate::trap::MmioDevice for VSmmuPort {
+    fn name(&self) -> &str {
+        "vsmmuv3"
+    }
+
+    fn read(&self, vcpu: usize, offset: u64, size: u8) -> Result<u64, crate::trap::MmioError> {
+        route_smmu_events();
+        self.0.read(vcpu, offset, size)
+    }
+
+    fn write(
+        &self,
+        vcpu: usize,
+        offset: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), crate::trap::MmioError> {
+        route_smmu_events();
+        self.0.write(vcpu, offset, size, value)
+    }
+}
+
+static UNROUTED_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Drains the physical event queue: events of a VM's stream go to its emulated SMMU; the rest
+/// are logged (the first few, then only counted).
+fn route_smmu_events() {
+    let Some(host) = SMMU.get().and_then(Option::as_ref) else {
+        return;
+    };
+    let owners = SID_OWNERS.get();
+    host.driver.drain_events(|ev| {
+        let owner = owners.and_then(|o| o.iter().find(|(sid, _)| *sid == ev.sid));
+        match owner {
+            Some((_, v)) if !ev.s2 => {
+                v.inject_event(ev);
+            }
+            _ => {
+                let n = UNROUTED_EVENTS.fetch_add(1, Ordering::Relaxed);
+                if n < 8 {
+                    info!(
+                        "SMMU event not delivered to a guest (stage 2 or unowned stream): {ev:x?}"
+                    );
+                }
+            }
+        }
+    });
+}
+
 fn create_vms(machine: &Machine, host_dtb: &[u8]) -> Vec<Vm> {
     let mut used = alloc::vec![false; machine.cpus.len()];
+    // One allocator for every VM's BARs, so they never overlap.
+    let mem32 = machine
+        .pcie
+        .as_ref()
+        .and_then(|p| p.ranges.iter().find(|r| r.space == dt::PciSpace::Mem32))
+        .map(|r| (r.cpu_addr, r.size));
+    let mut bars = mem32.map(|(base, size)| BarAllocator::new(base, size));
     board()
         .vms
         .iter()
         .enumerate()
-        .map(|(id, config)| create_vm(machine, host_dtb, id, config, &mut used))
+        .map(|(id, config)| create_vm(machine, host_dtb, id, config, &mut used, &mut bars))
         .collect()
 }
 
@@ -532,6 +723,7 @@ fn create_vm(
     id: usize,
     config: &'static VmConfig,
     used: &mut [bool],
+    bars: &mut Option<BarAllocator>,
 ) -> Vm {
     let name = config.name;
     let mut pcpus = Vec::new();
@@ -569,11 +761,31 @@ fn create_vm(
         vtcr: hw::vtcr(table.ipa_bits(), table.start_level()),
         vttbr: table.root_pa() | ((vmid as u64) << 48),
     };
-    let stage2 = Stage2::new(
+    let smmu_s2 = SMMU.get().and_then(Option::as_ref).map(|h| {
+        S2Config::for_table(
+            table.root_pa(),
+            table.ipa_bits(),
+            table.start_level(),
+            h.oas_bits,
+        )
+    });
+    let mut stage2 = Stage2::new(
         table,
         vmid,
         alloc::vec![Arc::new(CpuTlb::new(s2regs.vttbr)) as _],
     );
+    let dma = !config.stream_ids.is_empty() || !config.pci.is_empty();
+    let smmu = SMMU.get().and_then(Option::as_ref).filter(|_| dma);
+    if dma && smmu.is_none() {
+        fatal(format_args!(
+            "VM {name:?} has DMA masters but the machine has no SMMUv3 to confine them"
+        ));
+    }
+    if let Some(h) = smmu {
+        // The SMMU walks this same table for the VM's streams: it must see every invalidation.
+        stage2.add_agent(Arc::new(SmmuV3Tlb::new(h.cmdq.clone(), vmid, h.ril, true)));
+    }
+    let stage2 = Arc::new(stage2);
 
     let mut mmio = MmioBus::new();
     let console = config.console_ipa.map(|ipa| {
@@ -582,6 +794,54 @@ fn create_vm(
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: console: {e}")));
         dev
     });
+
+    let vsmmu = smmu.map(|h| {
+        let s2 = smmu_s2.unwrap_or_else(|| fatal(format_args!("VM {name:?}: no SMMU stage 2")));
+        let v = Arc::new(VSmmu::new(
+            vmid,
+            s2,
+            config.stream_ids,
+            Arc::new(devices::Stage2Memory(stage2.clone())),
+            Arc::new(PhysSmmuPort(h)),
+            Arc::new(NoVirtualIrq),
+        ));
+        mmio.register(h.base, VSMMU_MMIO_SIZE, Arc::new(VSmmuPort(v.clone())))
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: emulated SMMU: {e}")));
+        v
+    });
+    if !config.pci.is_empty() {
+        let Some(host) = machine.pcie.as_ref() else {
+            fatal(format_args!(
+                "VM {name:?} has PCI functions but the machine has no PCIe host"
+            ))
+        };
+        let window = EcamWindow {
+            bus_start: host.bus_start,
+            bus_end: host.bus_end,
+        };
+        // SAFETY: the ECAM window comes from the DT and is in the final EL2 map.
+        let phys = Arc::new(unsafe { devices::PhysEcam::new(host.ecam.base, host.ecam.size) });
+        let mut ecam = VirtEcam::new(
+            phys,
+            config.pci,
+            window,
+            Arc::new(devices::Stage2Bars(stage2.clone())),
+        )
+        .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: PCI: {e}")));
+        let Some(alloc) = bars.as_mut() else {
+            fatal(format_args!(
+                "VM {name:?}: the PCIe host has no 32-bit memory window for BARs"
+            ))
+        };
+        let placed = ecam
+            .assign_bars_from(alloc)
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: PCI BARs: {e}")));
+        for bar in &placed {
+            info!("VM {name:?}: PCI BAR {bar:x?}");
+        }
+        mmio.register(host.ecam.base, window.size(), Arc::new(ecam))
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: PCI config space: {e}")));
+    }
 
     let ram = config.memory[0];
     let spec = GuestSpec {
@@ -599,7 +859,7 @@ fn create_vm(
             .collect(),
         console: config.console_ipa,
         bootargs: config.bootargs.map(String::from),
-        keep_pci: false,
+        keep_pci: !config.pci.is_empty(),
         psci_method: "hvc",
     };
     let guest_dtb = dt::derive_guest(host_dtb, &spec)
@@ -651,6 +911,7 @@ fn create_vm(
         state: VmRunState::new(),
         console,
         stage2,
+        vsmmu,
         s2regs,
         pcpus,
         dtb_ipa: ram.ipa,
