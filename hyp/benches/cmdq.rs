@@ -25,7 +25,14 @@
 //! 0.5), the configurations interleaved; the median is reported with the spread of the
 //! repetitions ((max - min) / median), the ratio to `mutex` and the average number of slots per
 //! PROD write (batching across CPUs). Output: a table on stdout and JSON in `CMDQ_BENCH_JSON`
-//! (default `target/bench/cmdq.json`).
+//! (default `target/bench/cmdq.json`). `CMDQ_BENCH_FILTER=lockfree-mmio` runs only the
+//! configurations whose label (`impl-consumer-threads`) contains it.
+//!
+//! With more threads than free CPUs (a busy or small machine), `lockfree` can lose to `mutex`:
+//! a CPU becomes owner when it reserves, and the CPUs whose commands it gathers wait for it, so a
+//! descheduled owner stalls them, where a descheduled lock *waiter* stalls nobody (module docs of
+//! `smmu::v3::cmdq`). The batching that makes the lock-free queue pay off needs three or more
+//! CPUs issuing at once: with two, each PROD write still carries about one CPU's batch.
 //!
 //! Run without `--bench` (as `cargo test --benches` does), it only smoke-tests every
 //! configuration briefly and writes no JSON.
@@ -284,10 +291,14 @@ fn main() {
     };
     let load = load_average();
 
+    let filter = std::env::var("CMDQ_BENCH_FILTER").unwrap_or_default();
     let mut configs = Vec::new();
     for (profile, costs) in [("free", free), ("mmio", mmio)] {
         for &threads in &thread_counts {
             for which in [Impl::LockFree, Impl::Mutex] {
+                if !format!("{}-{profile}-{threads}", which.name()).contains(&filter) {
+                    continue;
+                }
                 configs.push(Config {
                     which,
                     profile,

@@ -1,6 +1,7 @@
 //! `cargo xtask test`, `clippy` and `fmt`: the checks CI runs.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -75,11 +76,17 @@ pub fn clippy() -> Result<()> {
     clippy_guests()
 }
 
+/// Set by `cargo xtask test --long`: randomised tests run far longer.
+static LONG: AtomicBool = AtomicBool::new(false);
+
 /// Host unit tests.
 pub fn unit_tests() -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "-p", "hyp", "-p", "xtask"])
         .env_remove("HYP_BOARD_CONFIG");
+    if LONG.load(Ordering::Relaxed) {
+        cmd.env("VSMMU_FUZZ_STEPS", "10000000").arg("--release");
+    }
     util::run(&mut cmd)
 }
 
@@ -101,6 +108,8 @@ pub struct TestPlan {
     /// Scenario names; empty means all.
     pub only: Vec<String>,
     pub timeout: Duration,
+    /// Long randomised runs.
+    pub long: bool,
 }
 
 struct Tally {
@@ -168,6 +177,7 @@ fn ok(r: Result<()>) -> Result<Vec<String>> {
 
 /// `cargo xtask test`: returns whether everything passed.
 pub fn test(plan: &TestPlan) -> Result<bool> {
+    LONG.store(plan.long, Ordering::Relaxed);
     for name in &plan.only {
         if !SCENARIOS.iter().any(|s| s.name == name) {
             let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();

@@ -78,7 +78,11 @@ enum Cmd {
         /// Per-test QEMU timeout in seconds.
         #[arg(long, value_name = "SECS", default_value_t = 120)]
         timeout: u64,
-        /// System tests to run (default: all): smp, abort, panic, bad-dtb.
+        /// Long randomised runs too (the emulated SMMU's isolation test with 10^7 steps instead
+        /// of 10^5).
+        #[arg(long)]
+        long: bool,
+        /// System tests to run (default: all): smp, abort, panic, bad-dtb, no-el2.
         scenarios: Vec<String>,
     },
     /// Run clippy with warnings denied: host crates, the hypervisor target and the guests.
@@ -209,6 +213,7 @@ fn real_main() -> Result<ExitCode> {
             no_qemu,
             qemu_only,
             timeout,
+            long,
             scenarios,
         } => {
             let plan = ci::TestPlan {
@@ -216,6 +221,7 @@ fn real_main() -> Result<ExitCode> {
                 qemu: !no_qemu,
                 only: scenarios,
                 timeout: Duration::from_secs(timeout),
+                long,
             };
             Ok(if ci::test(&plan)? {
                 ExitCode::SUCCESS

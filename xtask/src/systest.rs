@@ -41,6 +41,12 @@ pub const SCENARIOS: &[Scenario] = &[
             c.contains("[vm1] selftest: ALL PASS");
             c.contains("[vm0] selftest: PASS stage2-remap");
             c.contains("[vm1] selftest: PASS stage2-remap");
+            // DMA through each VM's emulated SMMU, both VMs at once (separate CPUs and edus).
+            for check in ["dma-s1", "dma-unmap", "dma-bypass", "dma-bypass-isolation"] {
+                c.contains(&format!("[vm0] selftest: PASS {check}"));
+                c.contains(&format!("[vm1] selftest: PASS {check}"));
+            }
+            c.contains("vSMMU traps:");
             c.absent("FAIL");
             c.status(0);
         },
@@ -256,7 +262,17 @@ mod tests {
 
     #[test]
     fn smp_checks() {
-        let good = "[vm0] selftest: PASS stage2-remap\r\n[vm1] selftest: PASS stage2-remap\r\n[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n";
+        let dma: String = ["dma-s1", "dma-unmap", "dma-bypass", "dma-bypass-isolation"]
+            .iter()
+            .flat_map(|c| {
+                [
+                    format!("[vm0] selftest: PASS {c}\n"),
+                    format!("[vm1] selftest: PASS {c}\n"),
+                ]
+            })
+            .collect();
+        let good = &(dma
+            + "hyp: vm0: vSMMU traps: 1\n[vm0] selftest: PASS stage2-remap\r\n[vm1] selftest: PASS stage2-remap\r\n[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n");
         assert!(failures("smp", &outcome(good, 0)).is_empty());
         let f = failures("smp", &outcome(good, 1));
         assert!(f[0].contains("exit status 1"), "{f:?}");

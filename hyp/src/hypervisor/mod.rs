@@ -1271,6 +1271,27 @@ fn end_run(mut status: u32) -> ! {
         error!("the hypervisor's code or read-only data changed during the run");
         status = status.max(run::EXIT_HYP_PANIC);
     }
+    for vm in VMS.get().into_iter().flatten() {
+        if let Some(v) = &vm.vsmmu {
+            let st = v.stats();
+            info!(
+                "{}: vSMMU traps: {} CMDQ_PROD writes, {} CMDQ_CONS reads, {} other reads, {} other writes; {} commands ({} forwarded, {} rejected), {} STEs installed, {} events injected",
+                vm.config.name,
+                st.prod_writes,
+                st.cons_reads,
+                st.other_reads,
+                st.other_writes,
+                st.commands,
+                st.commands_forwarded,
+                st.commands_rejected,
+                st.stes_installed,
+                st.events_injected
+            );
+        }
+    }
+    if let Some(h) = SMMU.get().and_then(Option::as_ref) {
+        info!("SMMU command queue: {:?}", h.cmdq.stats());
+    }
     info!("all VMs stopped, exit status {status}");
     finish(status)
 }

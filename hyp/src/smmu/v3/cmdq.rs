@@ -99,6 +99,13 @@
 //!
 //! `issue` must not be re-entered on the same CPU (from an interrupt handler that interrupted it):
 //! a CPU stopped between steps 1 and 2 would make its own nested call wait for itself.
+//!
+//! Like a queued lock, the protocol assumes that a CPU is not preempted for long in the middle
+//! of `issue`: the owner role is handed to a CPU when it reserves, and the CPUs whose slots it
+//! gathered wait for it. At EL2 on dedicated pCPUs that holds. Where threads share CPUs (host
+//! tests and benchmarks, an emulator's vCPU threads on a busy host) a descheduled owner stalls
+//! the CPUs behind it for a time slice, where a descheduled *waiter* of a lock would stall
+//! nobody; the queue stays correct, only slower.
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -394,6 +401,14 @@ impl CmdQueue {
     /// the SMMU has completed that `CMD_SYNC`, and so every command reserved before it on any
     /// CPU. Without `sync` it returns once the commands are in the queue (an owner: once they
     /// are published; anyone else: at once).
+    ///
+    /// # Errors
+    ///
+    /// [`CmdqError::TooLarge`] (nothing issued) when the batch needs more slots than the queue
+    /// has; [`CmdqError::Command`] when the SMMU stopped at a failed command before this call's
+    /// sync (or, waiting for space, before any room was made); [`CmdqError::Timeout`] when a
+    /// wait ran out of spins; [`CmdqError::Broken`] after an owner gave up. After an error the
+    /// commands may or may not have been executed.
     pub fn issue(&self, cmds: &[[u64; 2]], sync: bool) -> Result<(), CmdqError> {
         let n = cmds.len() as u64 + u64::from(sync);
         if n == 0 {
