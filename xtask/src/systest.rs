@@ -42,7 +42,20 @@ pub const SCENARIOS: &[Scenario] = &[
             c.contains("[vm0] selftest: PASS stage2-remap");
             c.contains("[vm1] selftest: PASS stage2-remap");
             // DMA through each VM's emulated SMMU, both VMs at once (separate CPUs and edus).
-            for check in ["dma-s1", "dma-unmap", "dma-bypass", "dma-bypass-isolation"] {
+            for check in [
+                "dma-s1",
+                "dma-unmap",
+                "dma-bypass",
+                "dma-bypass-isolation",
+                // What a hostile guest writes to its SMMU is contained, reported as hardware
+                // would, and its DMA works again afterwards.
+                "smmu-foreign-sid",
+                "smmu-bad-ste",
+                "smmu-cd-outside",
+                "smmu-strtab-locked",
+                "smmu-garbage-cmdq",
+                "dma-after-hostile",
+            ] {
                 c.contains(&format!("[vm0] selftest: PASS {check}"));
                 c.contains(&format!("[vm1] selftest: PASS {check}"));
             }
@@ -262,15 +275,26 @@ mod tests {
 
     #[test]
     fn smp_checks() {
-        let dma: String = ["dma-s1", "dma-unmap", "dma-bypass", "dma-bypass-isolation"]
-            .iter()
-            .flat_map(|c| {
-                [
-                    format!("[vm0] selftest: PASS {c}\n"),
-                    format!("[vm1] selftest: PASS {c}\n"),
-                ]
-            })
-            .collect();
+        let dma: String = [
+            "dma-s1",
+            "dma-unmap",
+            "dma-bypass",
+            "dma-bypass-isolation",
+            "smmu-foreign-sid",
+            "smmu-bad-ste",
+            "smmu-cd-outside",
+            "smmu-strtab-locked",
+            "smmu-garbage-cmdq",
+            "dma-after-hostile",
+        ]
+        .iter()
+        .flat_map(|c| {
+            [
+                format!("[vm0] selftest: PASS {c}\n"),
+                format!("[vm1] selftest: PASS {c}\n"),
+            ]
+        })
+        .collect();
         let good = &(dma
             + "hyp: vm0: vSMMU traps: 1\n[vm0] selftest: PASS stage2-remap\r\n[vm1] selftest: PASS stage2-remap\r\n[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n");
         assert!(failures("smp", &outcome(good, 0)).is_empty());

@@ -27,6 +27,10 @@
 //!   end-of-run image integrity check covers its own image), and whether the hypervisor saw a
 //!   stage-2 fault (such faults need not reach the guest's event queue). On bare QEMU the bypass
 //!   is physical and 0x4020_0000 is this guest's own image, so that part is skipped.
+//!
+//! Then the hostile-guest checks of `hostile.rs` (nonsense written to the SMMU is contained,
+//! reported as hardware would, and the guest's own DMA works afterwards). The stream table
+//! therefore also covers [`hostile::foreign_sid`], a StreamID the VM does not own.
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -35,24 +39,25 @@ use fdt::Fdt;
 use crate::console::println;
 use crate::dt::DtInfo;
 use crate::edu::{self, Edu};
+use crate::hostile;
 use crate::pci::HostBridge;
 use crate::report::{CheckResult, Msg, Report, ensure, fail};
 use crate::smmu::{self, Cmd, DmaMem, Event, IoPageTable, Smmu};
 
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// The IOVAs of the source and destination pages: far from any IPA of the guest's RAM.
-const IOVA_SRC: u64 = 0x1_0000_0000;
-const IOVA_DST: u64 = IOVA_SRC + PAGE as u64;
+pub(crate) const IOVA_SRC: u64 = 0x1_0000_0000;
+pub(crate) const IOVA_DST: u64 = IOVA_SRC + PAGE as u64;
 const ASID: u16 = 1;
 /// Bytes per transfer that should land.
 const LEN: usize = 1024;
 /// Bytes per transfer that should fault (QEMU queues one event per 4 bytes).
-const FAULT_LEN: usize = 64;
+pub(crate) const FAULT_LEN: usize = 64;
 /// Outside the VM: the hypervisor's load address on QEMU `virt`.
-const OUTSIDE: u64 = 0x4020_0000;
+pub(crate) const OUTSIDE: u64 = 0x4020_0000;
 
-const SRC: usize = 0;
-const DST: usize = 1;
+pub(crate) const SRC: usize = 0;
+pub(crate) const DST: usize = 1;
 const PROBE: usize = 2;
 const CANARY: usize = 3;
 
@@ -60,7 +65,7 @@ static BUFS: DmaMem<[[u8; PAGE]; 4]> = DmaMem::new([[0; PAGE]; 4]);
 static IOPT: DmaMem<IoPageTable> = DmaMem::new(IoPageTable::new());
 
 /// Address (VA == IPA) of buffer page `i`.
-fn page(i: usize) -> usize {
+pub(crate) fn page(i: usize) -> usize {
     BUFS.addr() + i * PAGE
 }
 
@@ -69,7 +74,7 @@ fn pattern(seed: u8, off: usize) -> u8 {
 }
 
 /// Fills buffer page `i` with `f(offset)`.
-fn fill(i: usize, f: impl Fn(usize) -> u8) {
+pub(crate) fn fill(i: usize, f: impl Fn(usize) -> u8) {
     for off in 0..PAGE {
         // SAFETY: inside BUFS, which only these checks use.
         unsafe { write_volatile((page(i) + off) as *mut u8, f(off)) };
@@ -77,7 +82,7 @@ fn fill(i: usize, f: impl Fn(usize) -> u8) {
 }
 
 /// The first offset in `range` of page `i` that differs from `f(offset)`, with the byte found.
-fn mismatch(
+pub(crate) fn mismatch(
     i: usize,
     range: core::ops::Range<usize>,
     f: impl Fn(usize) -> u8,
@@ -90,10 +95,10 @@ fn mismatch(
 }
 
 /// Everything the checks share.
-struct Dma {
-    smmu: Smmu,
-    edu: Edu,
-    sid: u32,
+pub(crate) struct Dma {
+    pub(crate) smmu: Smmu,
+    pub(crate) edu: Edu,
+    pub(crate) sid: u32,
 }
 
 /// Runs the DMA checks and records them.
@@ -101,7 +106,10 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool) {
     let mut dma = match setup(dt) {
         Ok(d) => d,
         Err(why) => {
-            for name in ["dma-s1", "dma-unmap", "dma-bypass"] {
+            for name in ["dma-s1", "dma-unmap", "dma-bypass"]
+                .iter()
+                .chain(hostile::CHECKS)
+            {
                 report.record(name, Err(Msg::new(format_args!("setup: {why}"))));
             }
             return;
@@ -118,6 +126,9 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool) {
     } else {
         report.record("dma-bypass-isolation", dma.isolation());
     }
+    // After a DT that parsed (setup needs it): the first address past the VM's RAM.
+    let ram_end = dt.and_then(|d| d.ram).map_or(0, |(b, s)| (b + s) as u64);
+    hostile::run(report, &mut dma, ram_end, bare);
 }
 
 fn setup(dt: Option<&DtInfo>) -> Result<Dma, Msg> {
@@ -142,7 +153,8 @@ fn setup(dt: Option<&DtInfo>) -> Result<Dma, Msg> {
     let sid = bridge.stream_id(bdf, smmu_phandle)?;
     let (bar, _) = bridge.setup_bar0(bdf)?;
     let edu = Edu::new(bar)?;
-    let mut smmu = Smmu::reset(smmu_base, sid + 1)?;
+    let streams = (sid.max(hostile::foreign_sid(sid)) + 1).min(smmu::MAX_STREAMS as u32);
+    let mut smmu = Smmu::reset(smmu_base, streams)?;
 
     let t = IOPT.ptr();
     // SAFETY: the table is not in use: no STE points at it yet.
@@ -165,8 +177,16 @@ fn setup(dt: Option<&DtInfo>) -> Result<Dma, Msg> {
 }
 
 impl Dma {
+    /// Gives the edu's stream its stage-1 STE again (as `setup` did) and drops the ASID's TLB
+    /// entries.
+    pub(crate) fn set_s1(&mut self) -> CheckResult {
+        let cd = self.smmu.cd_addr();
+        self.smmu.set_ste(self.sid, smmu::ste_s1(cd))?;
+        self.smmu.submit(&[Cmd::TlbiNhAsid { asid: ASID }])
+    }
+
     /// Drains the event queue, returning how many events there were and the first one.
-    fn events(&mut self) -> (usize, Option<Event>) {
+    pub(crate) fn events(&mut self) -> (usize, Option<Event>) {
         let mut first = None;
         let (n, _) = self.smmu.drain_events(|e| {
             first.get_or_insert(*e);
@@ -175,7 +195,7 @@ impl Dma {
     }
 
     /// Fails if the SMMU reported anything since the last drain.
-    fn no_events(&mut self, what: &str) -> CheckResult {
+    pub(crate) fn no_events(&mut self, what: &str) -> CheckResult {
         match self.events() {
             (0, _) => {}
             (n, Some(e)) => fail!("{n} unexpected SMMU event(s) after {what}, first: {e}"),
@@ -188,7 +208,7 @@ impl Dma {
 
     /// RAM -> edu -> RAM: copies `LEN` bytes of a fresh pattern from bus address `src` (page
     /// `SRC`) to bus address `dst` (page `DST`) and checks page `DST`.
-    fn round_trip(&mut self, seed: u8, src: u64, dst: u64) -> CheckResult {
+    pub(crate) fn round_trip(&mut self, seed: u8, src: u64, dst: u64) -> CheckResult {
         self.events();
         fill(SRC, |off| pattern(seed, off));
         fill(DST, |_| 0xc5);

@@ -17,7 +17,8 @@
 //! * `selftest.tests=dma`, or `selftest.dma` with any of the above: the
 //!   standard checks plus the DMA checks (`dma.rs`: an SMMUv3 and QEMU's
 //!   `edu` PCI device, which must be given with
-//!   `-device edu,dma_mask=0xffffffffffffffff`);
+//!   `-device edu,dma_mask=0xffffffffffffffff`), then the hostile-guest SMMU
+//!   checks (`hostile.rs`);
 //! * `selftest.panic`: panic right after the banner (a guest panic must fail
 //!   the run);
 //! * `selftest.bare`: running without the hypervisor (smoke test on bare
@@ -64,6 +65,8 @@ mod dt;
 mod edu;
 #[cfg(selftest_guest)]
 mod exception;
+#[cfg(selftest_guest)]
+mod hostile;
 #[cfg(selftest_guest)]
 mod pci;
 #[cfg(selftest_guest)]

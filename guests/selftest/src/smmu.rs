@@ -5,7 +5,15 @@
 //! table sized for the highest stream ID it serves, a command queue and an event queue, then
 //! `CR0` enables), writes stream table entries with the invalidate-then-update protocol, submits
 //! commands (each batch ends with `CMD_SYNC` and is waited for by polling `CMDQ_CONS`), and
-//! drains the event queue. No interrupts: everything is polled. The tables and queues live in
+//! drains the event queue.
+//!
+//! Command queue: only the SMMU consumes it, and every batch is waited for, so after a batch the
+//! queue is empty and CONS = PROD. The driver keeps that CONS cached and reads the register only
+//! while waiting for a batch (or, if the cached value ever left too little room, before writing):
+//! a batch costs one `CMDQ_PROD` write and, on an SMMU that completes `CMD_SYNC` by the time the
+//! PROD write returns (the hypervisor's emulated one), one `CMDQ_CONS` read. A command error
+//! (`GERROR.CMDQ_ERR`, `CMDQ_CONS.ERR`) is recovered from as Linux does: the bad command is
+//! overwritten with a `CMD_SYNC`, the error acknowledged in `GERRORN`, and the queue resumes. No interrupts: everything is polled. The tables and queues live in
 //! this guest's .bss (VA == IPA, Normal write-back memory); the SMMU is expected to be
 //! cache-coherent (`IDR0.COHACC`, `dma-coherent` in the DT), as QEMU's is.
 //!
@@ -43,6 +51,7 @@ mod reg {
     pub const EVTQ_PROD: usize = 0x1_00a8;
     pub const EVTQ_CONS: usize = 0x1_00ac;
 
+    pub const IDR0_S2P: u32 = 1 << 0;
     pub const IDR0_S1P: u32 = 1 << 1;
     pub const IDR0_TTF_AA64: u32 = 2 << 2;
     pub const IDR1_PRESET: u32 = (1 << 30) | (1 << 29);
@@ -58,10 +67,16 @@ mod reg {
     pub const GBPA_UPDATE: u32 = 1 << 31;
     pub const GBPA_ABORT: u32 = 1 << 20;
     pub const GERROR_CMDQ_ERR: u32 = 1 << 0;
+    pub const STRTAB_BASE_HI: usize = STRTAB_BASE + 4;
     /// Read/write allocate hint of the queue and table base registers.
     pub const BASE_RA: u64 = 1 << 62;
     pub const CMDQ_CONS_ERR_SHIFT: u32 = 24;
 }
+
+/// CMDQ_PROD/CMDQ_CONS index with its wrap bit.
+const CMDQ_WRAP_MASK: u32 = (2 << CMDQ_LOG2) - 1;
+pub const CMDQ_WRAP: u32 = CMDQ_WRAP_MASK;
+pub const GERROR_CMDQ_ERR: u32 = reg::GERROR_CMDQ_ERR;
 
 /// Stream table capacity: stream IDs 0..=255 (bus 0).
 pub const MAX_STREAMS: usize = 256;
@@ -134,6 +149,11 @@ pub enum Cmd {
 }
 
 impl Cmd {
+    /// The command's two dwords.
+    pub fn encode_raw(self) -> [u64; 2] {
+        self.encode()
+    }
+
     fn encode(self) -> [u64; 2] {
         match self {
             Cmd::CfgiSte { sid } => [0x03 | (u64::from(sid) << 32), 1],
@@ -148,7 +168,33 @@ impl Cmd {
     }
 }
 
+/// `CMDQ_CONS.ERR` for an illegal command.
+pub const CERROR_ILL: u32 = 1;
+
+/// Why a batch was not consumed.
+#[derive(Clone, Copy)]
+pub enum QueueStop {
+    /// `GERROR.CMDQ_ERR` became active: `cons` (index and wrap bit) points at the bad command,
+    /// `code` is `CMDQ_CONS.ERR`.
+    Error { cons: u32, code: u32 },
+    /// Neither consumed nor an error within the timeout: CONS as last read.
+    Timeout { cons: u32 },
+}
+
+impl core::fmt::Display for QueueStop {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            QueueStop::Error { cons, code } => {
+                write!(f, "command queue error {code:#x} at CONS {cons:#x}")
+            }
+            QueueStop::Timeout { cons } => write!(f, "commands not consumed: CONS {cons:#x}"),
+        }
+    }
+}
+
 /// Event IDs (IHI 0070 §7.3).
+pub const C_BAD_STE: u8 = 0x04;
+pub const F_CD_FETCH: u8 = 0x09;
 pub const F_TRANSLATION: u8 = 0x10;
 
 /// An event record.
@@ -215,6 +261,9 @@ pub struct Smmu {
     oas: u64,
     /// CMDQ_PROD as last written (index and wrap bit).
     cmd_prod: u32,
+    /// CMDQ_CONS (index and wrap bit) as last read: only the SMMU moves it, and only forward,
+    /// so the free space it implies is never more than the real one.
+    cmd_cons: u32,
     /// Streams the stream table has entries for.
     streams: u32,
 }
@@ -260,6 +309,7 @@ impl Smmu {
             base,
             oas: 0,
             cmd_prod: 0,
+            cmd_cons: 0,
             streams,
         };
         let idr0 = smmu.read(reg::IDR0);
@@ -339,46 +389,160 @@ impl Smmu {
         Ok(smmu)
     }
 
+    /// Whether the SMMU implements stage 2 (IDR0.S2P): then STEs with Config = S2 or nested
+    /// are legal.
+    pub fn has_s2(&self) -> bool {
+        self.read(reg::IDR0) & reg::IDR0_S2P != 0
+    }
+
     /// The IPS field for context descriptors.
     pub fn ips(&self) -> u64 {
         self.oas
     }
 
     /// Submits `cmds` followed by `CMD_SYNC` and waits until the SMMU has consumed them all.
+    /// On a command error the queue is recovered ([`Smmu::skip_error`]) and the error returned.
     pub fn submit(&mut self, cmds: &[Cmd]) -> Result<(), Msg> {
-        let wrap_mask = (2 << CMDQ_LOG2) - 1;
-        for &cmd in cmds.iter().chain(&[Cmd::Sync]) {
+        let mut raw = [[0u64; 2]; 16];
+        ensure!(cmds.len() < raw.len(), "batch of {} commands", cmds.len());
+        for (r, &c) in raw.iter_mut().zip(cmds.iter().chain(&[Cmd::Sync])) {
+            *r = c.encode();
+        }
+        match self.submit_raw(&raw[..=cmds.len()]) {
+            Ok(()) => Ok(()),
+            Err(stop @ QueueStop::Error { .. }) => {
+                let recovered = self.skip_error();
+                match recovered {
+                    Ok(()) => fail!("{stop} (skipped)"),
+                    Err(e) => fail!("{stop}; recovery: {e}"),
+                }
+            }
+            Err(stop) => fail!("{stop}, PROD {:#x}", self.cmd_prod),
+        }
+    }
+
+    /// Writes `cmds` (raw dwords, as given: the caller ends the batch with a `CMD_SYNC`) into
+    /// the command queue with one `CMDQ_PROD` write and waits until the SMMU has consumed them
+    /// or stopped at an error.
+    pub fn submit_raw(&mut self, cmds: &[[u64; 2]]) -> Result<(), QueueStop> {
+        let n = cmds.len() as u32;
+        if n > CMDQ_ENTRIES as u32 {
+            return Err(QueueStop::Timeout {
+                cons: self.cmd_cons,
+            });
+        }
+        // Room from the cached CONS; read the register only when that is not enough (never, as
+        // long as every batch is waited for).
+        let free =
+            |cons: u32, prod: u32| CMDQ_ENTRIES as u32 - (prod.wrapping_sub(cons) & CMDQ_WRAP_MASK);
+        if free(self.cmd_cons, self.cmd_prod) < n {
+            let prod = self.cmd_prod;
+            let mut cons = self.cmd_cons;
+            let room = wait_until(TIMEOUT_MS, || {
+                cons = self.read(reg::CMDQ_CONS) & CMDQ_WRAP_MASK;
+                free(cons, prod) >= n
+            });
+            self.cmd_cons = cons;
+            if !room {
+                return Err(QueueStop::Timeout { cons });
+            }
+        }
+        for &[d0, d1] in cmds {
             let slot = (self.cmd_prod as usize) & (CMDQ_ENTRIES - 1);
-            let [d0, d1] = cmd.encode();
-            // SAFETY: `slot` is in bounds of CMDQ; the SMMU has consumed this slot (the queue
-            // is drained after every batch, and batches are far smaller than the queue).
+            // SAFETY: `slot` is in bounds of CMDQ; the SMMU has consumed this slot (the free
+            // space was checked above).
             unsafe {
                 put(CMDQ.ptr().cast::<u64>(), slot * 2, d0);
                 put(CMDQ.ptr().cast::<u64>(), slot * 2 + 1, d1);
             }
-            self.cmd_prod = (self.cmd_prod + 1) & wrap_mask;
+            self.cmd_prod = (self.cmd_prod + 1) & CMDQ_WRAP_MASK;
         }
         dsb_sy();
         self.write(reg::CMDQ_PROD, self.cmd_prod);
+        self.wait_consumed()
+    }
+
+    /// Polls CMDQ_CONS until it reaches the cached PROD (one read when the SMMU is done by then)
+    /// or a command error is active.
+    fn wait_consumed(&mut self) -> Result<(), QueueStop> {
         let prod = self.cmd_prod;
+        let mut cons = self.cmd_cons;
+        let mut error = false;
         let done = wait_until(TIMEOUT_MS, || {
-            self.read(reg::CMDQ_CONS) & wrap_mask == prod
-                || (self.read(reg::GERROR) ^ self.read(reg::GERRORN)) & reg::GERROR_CMDQ_ERR != 0
+            cons = self.read(reg::CMDQ_CONS);
+            if cons & CMDQ_WRAP_MASK == prod {
+                return true;
+            }
+            error = self.gerror() & reg::GERROR_CMDQ_ERR != 0;
+            error
         });
-        let cons = self.read(reg::CMDQ_CONS);
-        let gerror = self.read(reg::GERROR) ^ self.read(reg::GERRORN);
-        if gerror & reg::GERROR_CMDQ_ERR != 0 {
-            fail!(
-                "command queue error {:#x} at CONS {:#x} (GERROR {gerror:#x})",
-                (cons >> reg::CMDQ_CONS_ERR_SHIFT) & 0x7f,
-                cons & wrap_mask
-            );
+        if error {
+            // CONS as of the error: the bad command.
+            cons = self.read(reg::CMDQ_CONS);
+            self.cmd_cons = cons & CMDQ_WRAP_MASK;
+            return Err(QueueStop::Error {
+                cons: cons & CMDQ_WRAP_MASK,
+                code: (cons >> reg::CMDQ_CONS_ERR_SHIFT) & 0x7f,
+            });
         }
+        self.cmd_cons = cons & CMDQ_WRAP_MASK;
+        if done {
+            Ok(())
+        } else {
+            Err(QueueStop::Timeout {
+                cons: self.cmd_cons,
+            })
+        }
+    }
+
+    /// Recovers from an active command error as Linux does (`arm_smmu_cmdq_skip_err`): the
+    /// command at CONS is replaced by a `CMD_SYNC`, `GERROR.CMDQ_ERR` is acknowledged in
+    /// `GERRORN`, and the SMMU goes on from CONS; waits until the queue is drained.
+    pub fn skip_error(&mut self) -> Result<(), Msg> {
+        let gerror = self.read(reg::GERROR);
+        let gerrorn = self.read(reg::GERRORN);
         ensure!(
-            done,
-            "commands not consumed: PROD {prod:#x}, CONS {cons:#x}"
+            (gerror ^ gerrorn) & reg::GERROR_CMDQ_ERR != 0,
+            "no command queue error to skip (GERROR {gerror:#x}, GERRORN {gerrorn:#x})"
         );
-        Ok(())
+        let cons = self.read(reg::CMDQ_CONS) & CMDQ_WRAP_MASK;
+        let slot = (cons as usize) & (CMDQ_ENTRIES - 1);
+        let [d0, d1] = Cmd::Sync.encode();
+        // SAFETY: in bounds of CMDQ; the SMMU is stopped at this slot until the error is
+        // acknowledged below.
+        unsafe {
+            put(CMDQ.ptr().cast::<u64>(), slot * 2, d0);
+            put(CMDQ.ptr().cast::<u64>(), slot * 2 + 1, d1);
+        }
+        dsb_sy();
+        self.cmd_cons = cons;
+        self.write(
+            reg::GERRORN,
+            (gerrorn & !reg::GERROR_CMDQ_ERR) | (gerror & reg::GERROR_CMDQ_ERR),
+        );
+        match self.wait_consumed() {
+            Ok(()) => Ok(()),
+            Err(stop) => fail!("after skipping the command at {cons:#x}: {stop}"),
+        }
+    }
+
+    /// STRTAB_BASE (read as two 32-bit halves) and STRTAB_BASE_CFG.
+    pub fn strtab_regs(&self) -> (u64, u32) {
+        let lo = u64::from(self.read(reg::STRTAB_BASE));
+        let hi = u64::from(self.read(reg::STRTAB_BASE_HI));
+        (hi << 32 | lo, self.read(reg::STRTAB_BASE_CFG))
+    }
+
+    /// Writes STRTAB_BASE (one 64-bit write, then a 32-bit write to its low half) and
+    /// STRTAB_BASE_CFG, as a guest that tries to move its stream table would.
+    ///
+    /// # Safety
+    /// Unless the SMMU ignores the writes (it is enabled and implements the SMMUv3.2 rule), it
+    /// takes its stream table from `base` afterwards, which must then be a stream table.
+    pub unsafe fn write_strtab_regs(&self, base: u64, cfg: u32) {
+        self.write64(reg::STRTAB_BASE, base);
+        self.write(reg::STRTAB_BASE, base as u32);
+        self.write(reg::STRTAB_BASE_CFG, cfg);
     }
 
     /// Replaces the stream table entry of `sid`: invalidate it (V = 0) and sync, write the other
@@ -443,6 +607,16 @@ impl Smmu {
         // Hand the slots back; acknowledge an overflow by copying its flag.
         self.write(reg::EVTQ_CONS, cons | (prod & (1 << 31)));
         (n, overflow)
+    }
+
+    /// GERROR as read (errors toggle it).
+    pub fn gerror_raw(&self) -> u32 {
+        self.read(reg::GERROR)
+    }
+
+    /// CMDQ_PROD as last written (index and wrap bit).
+    pub fn cmdq_prod(&self) -> u32 {
+        self.cmd_prod
     }
 
     /// Active global errors (GERROR ^ GERRORN).
