@@ -15,6 +15,7 @@ pub mod dt;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod hypervisor;
 pub mod mm;
+pub mod power;
 pub mod run;
 pub mod smmu;
 pub mod trap;

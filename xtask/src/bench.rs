@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use crate::util;
 
 /// The benchmarks there are: bench targets of the `hyp` crate.
-pub const BENCHES: &[&str] = &["stage2", "cmdq"];
+pub const BENCHES: &[&str] = &["stage2", "cmdq", "power"];
 
 /// Where benchmark `name` writes its JSON.
 pub fn json_path(name: &str) -> PathBuf {
@@ -65,7 +65,7 @@ mod tests {
 
     #[test]
     fn selects_benches() {
-        assert_eq!(select(&[]).unwrap(), vec!["stage2", "cmdq"]);
+        assert_eq!(select(&[]).unwrap(), vec!["stage2", "cmdq", "power"]);
         assert_eq!(select(&["cmdq".into()]).unwrap(), vec!["cmdq"]);
         assert_eq!(
             select(&["stage2".into(), "stage2".into()]).unwrap(),
