@@ -1,5 +1,6 @@
-//! SMMU identification registers, typed as in the Arm SMMU specifications (SMMUv3 `IDR0`/`IDR3`/
-//! `IDR5`, SMMUv2 `SMMU_IDR0`/`SMMU_IDR2`), and the capabilities stage-2 sharing needs.
+//! What an SMMU's identification registers say about sharing stage-2 tables with the CPUs. SMMUv3
+//! IDRs are decoded by the driver ([`SmmuV3Caps`]); SMMUv2 `SMMU_IDR0`/`SMMU_IDR2` are typed here
+//! until the SMMUv2 driver exists.
 
 use tock_registers::interfaces::Readable;
 use tock_registers::register_bitfields;
@@ -7,24 +8,10 @@ use tock_registers::register_structs;
 use tock_registers::registers::ReadOnly;
 
 use crate::dt::SmmuKind;
+use crate::smmu::v3::driver::SmmuV3Caps;
+use crate::smmu::v3::regs::addr_size_bits;
 
 register_bitfields![u32,
-    /// SMMUv3 SMMU_IDR0.
-    V3_IDR0 [
-        S2P OFFSET(0) NUMBITS(1) [],
-        S1P OFFSET(1) NUMBITS(1) [],
-        COHACC OFFSET(4) NUMBITS(1) [],
-        VMID16 OFFSET(18) NUMBITS(1) []
-    ],
-    /// SMMUv3 SMMU_IDR3.
-    V3_IDR3 [
-        BBML OFFSET(11) NUMBITS(2) [],
-        RIL OFFSET(10) NUMBITS(1) []
-    ],
-    /// SMMUv3 SMMU_IDR5.
-    V3_IDR5 [
-        OAS OFFSET(0) NUMBITS(3) []
-    ],
     /// SMMUv2 SMMU_IDR0.
     V2_IDR0 [
         CTTW OFFSET(14) NUMBITS(1) [],
@@ -38,17 +25,6 @@ register_bitfields![u32,
 ];
 
 register_structs! {
-    /// SMMUv3 page 0, identification registers.
-    pub V3IdRegs {
-        (0x00 => idr0: ReadOnly<u32, V3_IDR0::Register>),
-        (0x04 => idr1: ReadOnly<u32>),
-        (0x08 => idr2: ReadOnly<u32>),
-        (0x0c => idr3: ReadOnly<u32, V3_IDR3::Register>),
-        (0x10 => idr4: ReadOnly<u32>),
-        (0x14 => idr5: ReadOnly<u32, V3_IDR5::Register>),
-        (0x18 => @END),
-    },
-
     /// SMMUv2 global register space 0, identification registers.
     pub V2IdRegs {
         (0x00 => _reserved0),
@@ -72,19 +48,6 @@ pub struct SmmuCaps {
     pub range_invalidation: bool,
 }
 
-/// Address-size encoding shared by SMMUv3 IDR5.OAS and SMMUv2 IDR2.OAS.
-fn size_bits(code: u32) -> u32 {
-    match code {
-        0 => 32,
-        1 => 36,
-        2 => 40,
-        3 => 42,
-        4 => 44,
-        5 => 48,
-        _ => 52,
-    }
-}
-
 /// Reads the capabilities of the SMMU whose registers start at `base`.
 ///
 /// # Safety
@@ -92,9 +55,11 @@ fn size_bits(code: u32) -> u32 {
 pub unsafe fn read_caps(kind: SmmuKind, base: u64) -> SmmuCaps {
     match kind {
         SmmuKind::V3 => {
-            // SAFETY: per the caller's guarantee.
-            let r = unsafe { &*(base as *const V3IdRegs) };
-            caps_v3(r)
+            // SAFETY: per the caller's guarantee; IDR0..IDR5 are the first six 32-bit registers.
+            let idr = core::array::from_fn(|i| unsafe {
+                ((base + 4 * i as u64) as *const u32).read_volatile()
+            });
+            SmmuV3Caps::from_idr(idr).stage2_caps()
         }
         SmmuKind::V2 => {
             // SAFETY: per the caller's guarantee.
@@ -104,18 +69,9 @@ pub unsafe fn read_caps(kind: SmmuKind, base: u64) -> SmmuCaps {
     }
 }
 
-fn caps_v3(r: &V3IdRegs) -> SmmuCaps {
-    SmmuCaps {
-        oas_bits: size_bits(r.idr5.read(V3_IDR5::OAS)),
-        bbml: r.idr3.read(V3_IDR3::BBML) as u8,
-        coherent_walk: r.idr0.is_set(V3_IDR0::COHACC),
-        range_invalidation: r.idr3.is_set(V3_IDR3::RIL),
-    }
-}
-
 fn caps_v2(r: &V2IdRegs) -> SmmuCaps {
     SmmuCaps {
-        oas_bits: size_bits(r.idr2.read(V2_IDR2::OAS)),
+        oas_bits: addr_size_bits(r.idr2.read(V2_IDR2::OAS)),
         bbml: 0,
         coherent_walk: r.idr0.is_set(V2_IDR0::CTTW),
         range_invalidation: false,
@@ -129,15 +85,11 @@ mod tests {
     #[test]
     fn qemu_smmuv3_ids() {
         // ID register values QEMU 10 virt's SMMUv3 reports (see shared/reference/qemu-virt.md).
-        let mut page = [0u32; 6];
-        page[0] = 0x0d44_101b;
-        page[1] = 0x0273_0010;
-        page[3] = 0x1414;
-        page[5] = 0x74;
-        // SAFETY: `page` has the layout of V3IdRegs (six u32 registers).
-        let r = unsafe { &*(page.as_ptr() as *const V3IdRegs) };
+        let page = [0x0d44_101b, 0x0273_0010, 0, 0x1414, 0, 0x74];
+        // SAFETY: `page` stands in for the six ID registers at the start of page 0.
+        let caps = unsafe { read_caps(SmmuKind::V3, page.as_ptr() as u64) };
         assert_eq!(
-            caps_v3(r),
+            caps,
             SmmuCaps {
                 oas_bits: 44,
                 bbml: 2,
