@@ -646,9 +646,10 @@ impl VsmmuIrq for NoVirtualIrq {
     fn cmd_sync(&self) {}
 }
 
-/// A VM's emulated SMMU on its MMIO bus: before each access, physical events are routed to the
-/// emulated SMMUs of the VMs that own their streams (there are no interrupts yet, so a guest
-/// polling its event queue is what drives this).
+/// A VM's emulated SMMU on its MMIO bus. When the guest reads its event queue's PROD, physical
+/// events are first routed to the emulated SMMUs of the VMs that own their streams (there are no
+/// interrupts yet, so a guest polling its event queue is what drives this; no other register
+/// access pays for it).
 struct VSmmuPort(Arc<VSmmu>);
 
 impl crate::trap::MmioDevice for VSmmuPort {
@@ -657,7 +658,9 @@ impl crate::trap::MmioDevice for VSmmuPort {
     }
 
     fn read(&self, vcpu: usize, offset: u64, size: u8) -> Result<u64, crate::trap::MmioError> {
-        route_smmu_events();
+        if offset == crate::smmu::v3::regs::off::EVENTQ_PROD {
+            route_smmu_events();
+        }
         self.0.read(vcpu, offset, size)
     }
 
@@ -668,7 +671,6 @@ impl crate::trap::MmioDevice for VSmmuPort {
         size: u8,
         value: u64,
     ) -> Result<(), crate::trap::MmioError> {
-        route_smmu_events();
         self.0.write(vcpu, offset, size, value)
     }
 }
@@ -1077,40 +1079,40 @@ fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
             regs.elr += trap::instruction_len(esr);
             return psci_call(vm, v, regs);
         }
-        Trap::DataAbort(abort) if retry_fault(vm, abort.ipa, abort.dfsc) => {}
         Trap::DataAbort(abort) => {
-            if let Some(access) = abort.access.filter(|_| vm.mmio.find(abort.ipa).is_some()) {
-                let value = access.reg_index().map_or(0, |r| regs.x[r]);
-                match vm.mmio.dispatch(v, abort.ipa, &access, value) {
-                    Ok(loaded) => {
-                        if let (Some(val), Some(r)) = (loaded, access.reg_index()) {
-                            regs.x[r] = val;
+            // Emulated devices first: they are the common case on this path, and their IPAs are
+            // never in the stage 2, so the spurious-fault check below would only cost a walk.
+            let emulated = vm.mmio.find(abort.ipa).is_some();
+            let why = match abort.access {
+                Some(access) if emulated => {
+                    let value = access.reg_index().map_or(0, |r| regs.x[r]);
+                    match vm.mmio.dispatch(v, abort.ipa, &access, value) {
+                        Ok(loaded) => {
+                            if let (Some(val), Some(r)) = (loaded, access.reg_index()) {
+                                regs.x[r] = val;
+                            }
+                            regs.elr += trap::instruction_len(esr);
+                            return Flow::Continue;
                         }
-                        regs.elr += trap::instruction_len(esr);
-                    }
-                    Err(e) => {
-                        inject_abort(vm, v, regs, AbortKind::Data, abort.far, format_args!("{e}"))
+                        Err(e) => alloc::format!("{e}"),
                     }
                 }
-            } else {
-                let why = if vm.mmio.find(abort.ipa).is_some() {
-                    "access the hypervisor cannot emulate (no syndrome)"
-                } else {
-                    "the VM does not own this address"
-                };
-                inject_abort(
-                    vm,
-                    v,
-                    regs,
-                    AbortKind::Data,
-                    abort.far,
-                    format_args!(
-                        "{} of IPA {:#x}: {why}",
-                        if abort.write { "write" } else { "read" },
-                        abort.ipa
-                    ),
-                );
-            }
+                None if emulated => "access the hypervisor cannot emulate (no syndrome)".into(),
+                _ if retry_fault(vm, abort.ipa, abort.dfsc) => return Flow::Continue,
+                _ => "the VM does not own this address".into(),
+            };
+            inject_abort(
+                vm,
+                v,
+                regs,
+                AbortKind::Data,
+                abort.far,
+                format_args!(
+                    "{} of IPA {:#x}: {why}",
+                    if abort.write { "write" } else { "read" },
+                    abort.ipa
+                ),
+            );
         }
         Trap::InstructionAbort { ipa, fsc } if retry_fault(vm, ipa, fsc) => {}
         Trap::InstructionAbort { ipa, .. } => {
