@@ -37,8 +37,9 @@
 //! Run without `--bench` (as `cargo test --benches` does), it only smoke-tests every
 //! configuration briefly and writes no JSON.
 
+mod common;
+
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -217,15 +218,11 @@ struct Config {
 
 impl Config {
     fn median(&self) -> f64 {
-        let mut r = self.reps.clone();
-        r.sort_by(f64::total_cmp);
-        r[r.len() / 2]
+        common::median(&self.reps)
     }
 
     fn spread(&self) -> f64 {
-        let max = self.reps.iter().copied().fold(f64::MIN, f64::max);
-        let min = self.reps.iter().copied().fold(f64::MAX, f64::min);
-        (max - min) / self.median()
+        common::spread(&self.reps)
     }
 
     /// Queue slots per PROD write over the whole run (warm-up included).
@@ -257,28 +254,12 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn load_average() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
-    s.split_whitespace().next()?.parse().ok()
-}
-
 fn main() {
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let (secs, reps) = if smoke {
-        (0.01, 1)
-    } else {
-        let secs = std::env::var("CMDQ_BENCH_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.5);
-        (secs, REPS)
-    };
+    let smoke = common::smoke();
+    let (secs, reps) = (common::secs("CMDQ", 0.5), if smoke { 1 } else { REPS });
     let dur = Duration::from_secs_f64(secs);
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut thread_counts = vec![1];
-    if n > 1 {
-        thread_counts.push(n);
-    }
+    let thread_counts = common::thread_counts();
+    let n = *thread_counts.last().unwrap_or(&1);
     let mmio = Costs {
         prod_ns: env_u64("CMDQ_BENCH_PROD_NS", 1000),
         cmd_ns: env_u64("CMDQ_BENCH_CMD_NS", 100),
@@ -289,7 +270,7 @@ fn main() {
         cmd_ns: 0,
         cons_ns: 0,
     };
-    let load = load_average();
+    let load = common::load_average();
 
     let filter = std::env::var("CMDQ_BENCH_FILTER").unwrap_or_default();
     let mut configs = Vec::new();
@@ -381,17 +362,5 @@ fn main() {
     }
     json += "  ]\n}\n";
 
-    if smoke {
-        println!("smoke run (no --bench): no JSON written");
-        return;
-    }
-    let path = std::env::var_os("CMDQ_BENCH_JSON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/cmdq.json"),
-        PathBuf::from,
-    );
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).expect("create the JSON folder");
-    }
-    std::fs::write(&path, json).expect("write the JSON");
-    println!("JSON: {}", path.display());
+    common::write_json("CMDQ", "cmdq", &json);
 }

@@ -15,9 +15,10 @@
 //! Run without `--bench` (as `cargo test --benches` does), it only smoke-tests every
 //! configuration briefly and writes no JSON.
 
+mod common;
+
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -142,22 +143,10 @@ fn run(which: Impl, threads: usize, secs: f64) -> f64 {
     total.load(Ordering::Relaxed) as f64 / dt
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
-    let smoke = !std::env::args().any(|a| a == "--bench");
+    let smoke = common::smoke();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let secs: f64 = if smoke {
-        0.02
-    } else {
-        std::env::var("POWER_BENCH_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.3)
-    };
+    let secs = common::secs("POWER", 0.3);
     let reps = if smoke { 1 } else { REPS };
     let mut counts = vec![1, 2, 4];
     if cpus > 4 {
@@ -191,10 +180,7 @@ fn main() {
     json += "  \"results\": [\n";
     let mut rows = Vec::new();
     for (ci, &t) in counts.iter().enumerate() {
-        let meds: Vec<f64> = samples[ci]
-            .iter_mut()
-            .map(|s| median(&mut s.clone()))
-            .collect();
+        let meds: Vec<f64> = samples[ci].iter_mut().map(|s| common::median(s)).collect();
         for (ii, &i) in impls.iter().enumerate() {
             let s = &samples[ci][ii];
             let max = s.iter().cloned().fold(f64::MIN, f64::max);
@@ -219,17 +205,5 @@ fn main() {
     }
     json += &rows.join(",\n");
     json += "\n  ]\n}\n";
-    if smoke {
-        println!("smoke run (no --bench): no JSON written");
-        return;
-    }
-    let path = std::env::var_os("POWER_BENCH_JSON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/power.json"),
-        PathBuf::from,
-    );
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).expect("create the JSON folder");
-    }
-    std::fs::write(&path, json).expect("write the JSON");
-    println!("JSON: {}", path.display());
+    common::write_json("POWER", "power", &json);
 }

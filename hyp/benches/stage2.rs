@@ -24,8 +24,9 @@
 //! Run without `--bench` (as `cargo test --benches` does), it only smoke-tests every
 //! configuration briefly and writes no JSON.
 
+mod common;
+
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -261,16 +262,11 @@ struct Config {
 
 impl Config {
     fn median(&self) -> f64 {
-        let mut r = self.reps.clone();
-        r.sort_by(f64::total_cmp);
-        r[r.len() / 2]
+        common::median(&self.reps)
     }
 
-    /// (max - min) / median of the repetitions.
     fn spread(&self) -> f64 {
-        let max = self.reps.iter().copied().fold(f64::MIN, f64::max);
-        let min = self.reps.iter().copied().fold(f64::MAX, f64::min);
-        (max - min) / self.median()
+        common::spread(&self.reps)
     }
 }
 
@@ -305,31 +301,13 @@ fn find(configs: &[Config], which: Impl, size: u64, threads: usize) -> Option<f6
         .map(Config::median)
 }
 
-/// The 1-minute load average before the run (Linux), to judge how quiet the machine was.
-fn load_average() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
-    s.split_whitespace().next()?.parse().ok()
-}
-
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` does not: then just smoke-test.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let (secs, reps) = if smoke {
-        (0.01, 1)
-    } else {
-        let secs = std::env::var("STAGE2_BENCH_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.5);
-        (secs, REPS)
-    };
+    let smoke = common::smoke();
+    let (secs, reps) = (common::secs("STAGE2", 0.5), if smoke { 1 } else { REPS });
     let dur = Duration::from_secs_f64(secs);
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut thread_counts = vec![1];
-    if n > 1 {
-        thread_counts.push(n);
-    }
-    let load = load_average();
+    let thread_counts = common::thread_counts();
+    let n = *thread_counts.last().unwrap_or(&1);
+    let load = common::load_average();
 
     // Optional: only the configurations whose label ("lockfree-4K-2") contains this.
     let filter = std::env::var("STAGE2_BENCH_FILTER").unwrap_or_default();
@@ -409,17 +387,5 @@ fn main() {
     }
     json += "  ]\n}\n";
 
-    if smoke {
-        println!("smoke run (no --bench): no JSON written");
-        return;
-    }
-    let path = std::env::var_os("STAGE2_BENCH_JSON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/stage2.json"),
-        PathBuf::from,
-    );
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).expect("create the JSON folder");
-    }
-    std::fs::write(&path, json).expect("write the JSON");
-    println!("JSON: {}", path.display());
+    common::write_json("STAGE2", "stage2", &json);
 }

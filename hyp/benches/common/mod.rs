@@ -1,0 +1,68 @@
+//! What every host benchmark shares: how long to run, medians and spreads of repetitions, the
+//! machine's load before the run, and where the JSON goes. `cargo bench` passes `--bench`;
+//! `cargo test --benches` does not, and then a benchmark only smoke-tests (short runs, no JSON).
+
+// Each benchmark uses only part of this module.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// True when run without `--bench` (as `cargo test --benches` does): smoke-test only.
+pub fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
+/// Seconds per repetition: `<PREFIX>_BENCH_SECS`, else `default`; 0.01 in a smoke run.
+pub fn secs(prefix: &str, default: f64) -> f64 {
+    if smoke() {
+        return 0.01;
+    }
+    std::env::var(format!("{prefix}_BENCH_SECS"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `1` and, on a machine with more, one thread per CPU.
+pub fn thread_counts() -> Vec<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if n > 1 { vec![1, n] } else { vec![1] }
+}
+
+/// The 1-minute load average before the run (Linux), to judge how quiet the machine was.
+pub fn load_average() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Median of the repetitions.
+pub fn median(reps: &[f64]) -> f64 {
+    let mut r = reps.to_vec();
+    r.sort_by(f64::total_cmp);
+    r[r.len() / 2]
+}
+
+/// (max - min) / median of the repetitions: large when something else was running.
+pub fn spread(reps: &[f64]) -> f64 {
+    let max = reps.iter().copied().fold(f64::MIN, f64::max);
+    let min = reps.iter().copied().fold(f64::MAX, f64::min);
+    (max - min) / median(reps)
+}
+
+/// Writes `json` to `<PREFIX>_BENCH_JSON`, else `target/bench/<name>.json`; nothing in a smoke
+/// run.
+pub fn write_json(prefix: &str, name: &str, json: &str) {
+    if smoke() {
+        println!("smoke run (no --bench): no JSON written");
+        return;
+    }
+    let path = std::env::var_os(format!("{prefix}_BENCH_JSON")).map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench/{name}.json")),
+        PathBuf::from,
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create the JSON folder");
+    }
+    std::fs::write(&path, json).expect("write the JSON");
+    println!("JSON: {}", path.display());
+}
