@@ -28,8 +28,58 @@ pub struct BoardConfig {
     /// Bytes of RAM the hypervisor reserves for itself (heap and page-table frames), placed right
     /// after its own image.
     pub hyp_pool_size: u64,
+    /// The SMMU's power domain: `None` keeps the SMMU powered all the time (no runtime PM).
+    pub smmu_power: Option<SmmuPowerConfig>,
     /// The VMs, in VMID order (VMID = index + 1).
     pub vms: &'static [VmConfig],
+}
+
+/// Runtime power management of the SMMU: how its domain is switched and how long it may idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmmuPowerConfig {
+    /// What switches the power.
+    pub domain: PowerDomainKind,
+    /// Idle time after the last active master before the SMMU is powered off, in ms.
+    pub autosuspend_ms: u32,
+}
+
+/// What switches an SMMU's power.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerDomainKind {
+    /// No power switch (QEMU): "off" disables the SMMU and wipes its registers, as a real power
+    /// collapse would, so that power-up must re-program it completely.
+    Simulated,
+    /// A Qualcomm GDSC and the branch clocks turned on with it.
+    Gdsc(GdscConfig),
+}
+
+/// A Qualcomm GDSC in a clock controller (facts: `power::gdsc`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GdscConfig {
+    /// The GDSC's name, for messages (e.g. `"hlos1_vote_aggre_noc_mmu_pcie_tbu_gdsc"`).
+    pub name: &'static str,
+    /// Physical base of the clock controller's register window.
+    pub base: u64,
+    /// Size of that window in bytes.
+    pub size: u32,
+    /// GDSCR offset in the window (CFG_GDSCR follows at + 4).
+    pub gdscr: u32,
+    /// `power::gdsc::GdscFlags` bits.
+    pub flags: u32,
+    /// Branch clocks in the same window, turned on after the GDSC and off before it.
+    pub clocks: &'static [BranchClockConfig],
+}
+
+/// A branch clock (CBCR) in a GDSC's clock controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BranchClockConfig {
+    /// The clock's name, for messages.
+    pub name: &'static str,
+    /// CBCR offset in the clock controller's window.
+    pub cbcr: u32,
+    /// How enable/disable are confirmed: `"check"`, `"voted"`, `"delay"` or `"skip"`
+    /// (`power::clock::HaltCheck`).
+    pub halt: &'static str,
 }
 
 /// A region of guest RAM: `size` bytes at guest-physical `ipa`, backed by host-physical `pa`.
@@ -89,6 +139,12 @@ pub struct VmConfig {
     /// Offer the hypervisor's test hypercalls to this VM (stage-2 unmap and remap of its own
     /// RAM, see `trap::hyptest`). Off unless the board file asks for it.
     pub test_services: bool,
+    /// IPA of the emulated power controller (`vdev::power_ctrl`) the VM votes through.
+    pub power_controller_ipa: Option<u64>,
+    /// PCI functions (of `pci`) whose activity is the guest's power vote: domain `i` of the
+    /// power controller is `power_votes[i]`. Every other function is active while it has Bus
+    /// Master Enable set and is in D0.
+    pub power_votes: &'static [PciFunction],
 }
 
 impl VmConfig {

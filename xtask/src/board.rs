@@ -29,8 +29,50 @@ pub struct BoardFile {
     pub board: BoardSection,
     /// Present only for boards run under QEMU.
     pub qemu: Option<QemuSection>,
+    /// The SMMU's power domain; absent: the SMMU stays powered.
+    pub smmu_power: Option<SmmuPowerSection>,
     #[serde(default)]
     pub vm: Vec<VmSection>,
+}
+
+/// `[smmu_power]`: runtime PM of the SMMU.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmmuPowerSection {
+    /// `"simulated"` (QEMU: off = SMMU disabled and its registers wiped) or `"gdsc"`.
+    pub domain: String,
+    /// Idle time before power-off, in ms (default 20, as Linux uses for SMMUs).
+    pub autosuspend_ms: Option<u32>,
+    /// The GDSC, for `domain = "gdsc"`.
+    pub gdsc: Option<GdscSection>,
+}
+
+/// `gdsc = { name, base, size, gdscr, flags, clocks }`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GdscSection {
+    pub name: String,
+    /// Physical base of the clock controller.
+    pub base: u64,
+    /// Size of the clock controller's window.
+    pub size: Size,
+    /// GDSCR offset in the window.
+    pub gdscr: u32,
+    /// Any of "votable", "hw_ctrl", "poll_cfg_gdscr", "always_on", "retain_ff", "skip_collapse".
+    #[serde(default)]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub clocks: Vec<ClockSection>,
+}
+
+/// `{ name, cbcr, halt }`: a branch clock in the GDSC's clock controller.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockSection {
+    pub name: String,
+    pub cbcr: u32,
+    /// "check" (default), "voted", "delay" or "skip".
+    pub halt: Option<String>,
 }
 
 /// `[board]`
@@ -89,6 +131,11 @@ pub struct VmSection {
     /// Offer the hypervisor's test hypercalls (stage-2 unmap/remap of the VM's own RAM).
     #[serde(default)]
     pub test_services: bool,
+    /// IPA of the emulated power controller the VM votes through.
+    pub power_controller: Option<u64>,
+    /// PCI functions (of `pci`) whose activity is the guest's power vote (domain i = entry i).
+    #[serde(default)]
+    pub power_votes: Vec<String>,
 }
 
 /// `{ ipa, pa, size }`: a guest-physical window backed by host-physical memory or MMIO.
@@ -203,7 +250,36 @@ pub struct Board {
     pub ram: Vec<PhysRange>,
     pub reserved: Vec<PhysRange>,
     pub qemu: Option<Qemu>,
+    pub smmu_power: Option<SmmuPower>,
     pub vms: Vec<Vm>,
+}
+
+/// Validated `[smmu_power]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmmuPower {
+    pub autosuspend_ms: u32,
+    /// `None`: simulated.
+    pub gdsc: Option<Gdsc>,
+}
+
+/// GDSC flag names and their `power::gdsc::GdscFlags` bits.
+pub const GDSC_FLAGS: &[(&str, u32)] = &[
+    ("votable", 1 << 0),
+    ("hw_ctrl", 1 << 2),
+    ("poll_cfg_gdscr", 1 << 5),
+    ("always_on", 1 << 6),
+    ("retain_ff", 1 << 7),
+    ("skip_collapse", 1 << 10),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gdsc {
+    pub name: String,
+    pub base: u64,
+    pub size: u64,
+    pub gdscr: u32,
+    pub flags: u32,
+    pub clocks: Vec<(String, u32, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,6 +325,8 @@ pub struct Vm {
     pub pci: Vec<Bdf>,
     pub stream_ids: Vec<u32>,
     pub test_services: bool,
+    pub power_controller: Option<u64>,
+    pub power_votes: Vec<Bdf>,
 }
 
 /// Parses `bb:dd.f` (hex bus and device, as `lspci` prints them).
@@ -630,6 +708,16 @@ impl BoardFile {
             }
         }
 
+        let smmu_power = self.smmu_power.as_ref().map(|p| check_power(e, p));
+        for (i, vm) in vms.iter().enumerate() {
+            if !vm.power_votes.is_empty() && smmu_power.is_none() {
+                e.push(
+                    format!("vm[{i}].power_votes"),
+                    "power votes need an [smmu_power] section (the SMMU's power domain)",
+                );
+            }
+        }
+
         Board {
             name: b.name.clone(),
             exit,
@@ -638,8 +726,113 @@ impl BoardFile {
             ram,
             reserved,
             qemu,
+            smmu_power,
             vms,
         }
+    }
+}
+
+fn check_power(e: &mut Errors, p: &SmmuPowerSection) -> SmmuPower {
+    let autosuspend_ms = p.autosuspend_ms.unwrap_or(20);
+    if autosuspend_ms > 60_000 {
+        e.push(
+            "smmu_power.autosuspend_ms",
+            format!("{autosuspend_ms} ms is over a minute"),
+        );
+    }
+    let gdsc = match (p.domain.as_str(), &p.gdsc) {
+        ("simulated", None) => None,
+        ("simulated", Some(_)) => {
+            e.push(
+                "smmu_power.gdsc",
+                "a simulated domain has no GDSC (set domain = \"gdsc\")",
+            );
+            None
+        }
+        ("gdsc", None) => {
+            e.push(
+                "smmu_power.gdsc",
+                "domain = \"gdsc\" needs a gdsc = { ... }",
+            );
+            None
+        }
+        ("gdsc", Some(g)) => Some(check_gdsc(e, g)),
+        (other, _) => {
+            e.push(
+                "smmu_power.domain",
+                format!("{other:?} is not \"simulated\" or \"gdsc\""),
+            );
+            None
+        }
+    };
+    SmmuPower {
+        autosuspend_ms,
+        gdsc,
+    }
+}
+
+fn check_gdsc(e: &mut Errors, g: &GdscSection) -> Gdsc {
+    if g.name.trim().is_empty() {
+        e.push("smmu_power.gdsc.name", "must not be empty");
+    }
+    aligned(e, "smmu_power.gdsc.base", g.base);
+    let size = size(e, "smmu_power.gdsc.size", &g.size);
+    end(e, "smmu_power.gdsc.base", g.base, size);
+    let reg_ok = |off: u32| off.is_multiple_of(4) && u64::from(off) + 8 <= size;
+    if size != 0 && !reg_ok(g.gdscr) {
+        e.push(
+            "smmu_power.gdsc.gdscr",
+            format!(
+                "{:#x} is not a 4-byte aligned register (with CFG_GDSCR after it) inside the {size:#x}-byte window",
+                g.gdscr
+            ),
+        );
+    }
+    let mut flags = 0;
+    for (k, f) in g.flags.iter().enumerate() {
+        match GDSC_FLAGS.iter().find(|(n, _)| n == f) {
+            Some((_, bit)) => flags |= bit,
+            None => e.push(
+                format!("smmu_power.gdsc.flags[{k}]"),
+                format!(
+                    "{f:?} is not one of {}",
+                    GDSC_FLAGS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        }
+    }
+    let clocks = g
+        .clocks
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let halt = c.halt.clone().unwrap_or_else(|| "check".into());
+            if !["check", "voted", "delay", "skip"].contains(&halt.as_str()) {
+                e.push(
+                    format!("smmu_power.gdsc.clocks[{k}].halt"),
+                    format!("{halt:?} is not \"check\", \"voted\", \"delay\" or \"skip\""),
+                );
+            }
+            if size != 0 && !(c.cbcr.is_multiple_of(4) && u64::from(c.cbcr) + 4 <= size) {
+                e.push(
+                    format!("smmu_power.gdsc.clocks[{k}].cbcr"),
+                    format!("{:#x} is not a register inside the window", c.cbcr),
+                );
+            }
+            (c.name.clone(), c.cbcr, halt)
+        })
+        .collect();
+    Gdsc {
+        name: g.name.clone(),
+        base: g.base,
+        size,
+        gdscr: g.gdscr,
+        flags,
+        clocks,
     }
 }
 
@@ -743,13 +936,17 @@ fn check_vm(e: &mut Errors, i: usize, v: &VmSection, guests_dir: &Path) -> Vm {
     if let Some(c) = v.console {
         ipa.push((f("console"), c, PAGE));
     }
+    if let Some(p) = v.power_controller {
+        aligned(e, &f("power_controller"), p);
+        ipa.push((f("power_controller"), p, PAGE));
+    }
     for (n, (field, start, size)) in ipa.iter().enumerate() {
         if *size == 0 {
             continue;
         }
         for (other, ostart, osize) in &ipa[..n] {
             if overlaps(*start, *size, *ostart, *osize) {
-                let field = if field.ends_with("console") {
+                let field = if field.ends_with("console") || field.ends_with("power_controller") {
                     field.clone()
                 } else {
                     format!("{field}.ipa")
@@ -765,7 +962,7 @@ fn check_vm(e: &mut Errors, i: usize, v: &VmSection, guests_dir: &Path) -> Vm {
             }
         }
     }
-    let pci = v
+    let pci: Vec<Bdf> = v
         .pci
         .iter()
         .enumerate()
@@ -785,6 +982,25 @@ fn check_vm(e: &mut Errors, i: usize, v: &VmSection, guests_dir: &Path) -> Vm {
             );
         }
     }
+    let mut power_votes: Vec<Bdf> = Vec::new();
+    for (k, p) in v.power_votes.iter().enumerate() {
+        let field = f(&format!("power_votes[{k}]"));
+        match parse_bdf(p) {
+            Err(msg) => e.push(field, msg),
+            Ok(b) if !pci.contains(&b) => e.push(
+                field,
+                format!("{p:?} is not one of this VM's pci functions"),
+            ),
+            Ok(b) if power_votes.contains(&b) => e.push(field, format!("{p:?} is listed twice")),
+            Ok(b) => power_votes.push(b),
+        }
+    }
+    if !v.power_votes.is_empty() && v.power_controller.is_none() {
+        e.push(
+            f("power_controller"),
+            "power votes need a power controller (its IPA) to vote through",
+        );
+    }
     Vm {
         name: v.name.clone(),
         cpus: v.cpus.clone(),
@@ -796,6 +1012,8 @@ fn check_vm(e: &mut Errors, i: usize, v: &VmSection, guests_dir: &Path) -> Vm {
         pci,
         stream_ids: v.stream_ids.clone(),
         test_services: v.test_services,
+        power_controller: v.power_controller,
+        power_votes,
     }
 }
 
@@ -871,6 +1089,70 @@ memory = [{ ipa = 0x8000_0000, pa = 0x5800_0000, size = 0x400_0000 }]
             .find(|l| l.starts_with(&format!("{FILE}: {field}: ")))
             .unwrap_or_else(|| panic!("no error for {field} in:\n{msg}"));
         assert!(line.contains(text), "{line:?} does not contain {text:?}");
+    }
+
+    #[test]
+    fn smmu_power_and_votes() {
+        let text = format!("{GOOD}\n[smmu_power]\ndomain = \"simulated\"\n").replace(
+            "stream_ids = [8]\n",
+            "stream_ids = [8]\npower_controller = 0x0c00_0000\npower_votes = [\"00:01.0\"]\n",
+        );
+        let b = parse(&text, FILE)
+            .unwrap()
+            .validate(FILE, &guests())
+            .unwrap();
+        let p = b.smmu_power.as_ref().unwrap();
+        assert_eq!((p.autosuspend_ms, p.gdsc.is_none()), (20, true));
+        assert_eq!(b.vms[0].power_controller, Some(0x0c00_0000));
+        assert_eq!(b.vms[0].power_votes.len(), 1);
+
+        // A vote for a function the VM does not own, and no power domain to vote for.
+        let mut bad = parse(&text, FILE).unwrap();
+        bad.vm[0].power_votes = vec!["00:02.0".into()];
+        assert_err(
+            &bad,
+            "vm[0].power_votes[0]",
+            "not one of this VM's pci functions",
+        );
+        let mut bad = parse(&text, FILE).unwrap();
+        bad.smmu_power = None;
+        assert_err(&bad, "vm[0].power_votes", "need an [smmu_power] section");
+        let mut bad = parse(&text, FILE).unwrap();
+        bad.vm[0].power_controller = None;
+        assert_err(&bad, "vm[0].power_controller", "need a power controller");
+        let mut bad = parse(&text, FILE).unwrap();
+        bad.vm[0].power_controller = Some(0x0900_0000);
+        assert_err(&bad, "vm[0].power_controller", "overlaps vm[0].console");
+
+        // GDSC domains: flags, clocks, registers inside the window.
+        let gdsc = format!(
+            "{GOOD}\n[smmu_power]\ndomain = \"gdsc\"\nautosuspend_ms = 5\n\
+             gdsc = {{ name = \"tbu\", base = 0x100000, size = \"64K\", gdscr = 0x3c, \
+             flags = [\"votable\", \"skip_collapse\"], clocks = [{{ name = \"c\", cbcr = 0xc, halt = \"skip\" }}] }}\n"
+        );
+        let b = parse(&gdsc, FILE)
+            .unwrap()
+            .validate(FILE, &guests())
+            .unwrap();
+        let g = b.smmu_power.unwrap().gdsc.unwrap();
+        assert_eq!((g.flags, g.gdscr, g.clocks.len()), (0x401, 0x3c, 1));
+        let mut bad = parse(&gdsc, FILE).unwrap();
+        let sec = bad.smmu_power.as_mut().unwrap().gdsc.as_mut().unwrap();
+        sec.flags.push("fast".into());
+        sec.gdscr = 0x1_0000;
+        sec.clocks[0].halt = Some("never".into());
+        assert_err(&bad, "smmu_power.gdsc.flags[2]", "is not one of votable");
+        assert_err(
+            &bad,
+            "smmu_power.gdsc.gdscr",
+            "inside the 0x10000-byte window",
+        );
+        assert_err(&bad, "smmu_power.gdsc.clocks[0].halt", "\"never\" is not");
+        let mut bad = parse(&gdsc, FILE).unwrap();
+        bad.smmu_power.as_mut().unwrap().domain = "pmic".into();
+        assert_err(&bad, "smmu_power.domain", "\"pmic\" is not");
+        bad.smmu_power.as_mut().unwrap().domain = "simulated".into();
+        assert_err(&bad, "smmu_power.gdsc", "a simulated domain has no GDSC");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::board::{Board, Exit, Window};
+use crate::board::{Bdf, Board, Exit, SmmuPower, Window};
 
 /// Generates the config file. `payloads` maps each payload name to its raw image (absolute
 /// path); `source` is the board file, named in the header comment.
@@ -41,6 +41,7 @@ pub fn generate(
         None => writeln!(w, "    early_console: None,").unwrap(),
     }
     writeln!(w, "    hyp_pool_size: {:#x},", board.hyp_pool).unwrap();
+    smmu_power(w, board.smmu_power.as_ref());
     writeln!(w, "    vms: &[").unwrap();
     for vm in &board.vms {
         let image = payloads
@@ -57,16 +58,7 @@ pub fn generate(
             Some(c) => writeln!(w, "            console_ipa: Some({c:#x}),").unwrap(),
             None => writeln!(w, "            console_ipa: None,").unwrap(),
         }
-        write!(w, "            pci: &[").unwrap();
-        for p in &vm.pci {
-            write!(
-                w,
-                "crate::config::PciFunction {{ bus: {:#04x}, device: {:#04x}, function: {} }}, ",
-                p.bus, p.device, p.function
-            )
-            .unwrap();
-        }
-        writeln!(w, "],").unwrap();
+        functions(w, "pci", &vm.pci);
         let sids: Vec<String> = vm.stream_ids.iter().map(|s| format!("{s:#x}")).collect();
         writeln!(w, "            stream_ids: &[{}],", sids.join(", ")).unwrap();
         writeln!(w, "            payload_name: {:?},", vm.payload).unwrap();
@@ -76,11 +68,68 @@ pub fn generate(
             None => writeln!(w, "            bootargs: None,").unwrap(),
         }
         writeln!(w, "            test_services: {},", vm.test_services).unwrap();
+        match vm.power_controller {
+            Some(p) => writeln!(w, "            power_controller_ipa: Some({p:#x}),").unwrap(),
+            None => writeln!(w, "            power_controller_ipa: None,").unwrap(),
+        }
+        functions(w, "power_votes", &vm.power_votes);
         writeln!(w, "        }},").unwrap();
     }
     writeln!(w, "    ],").unwrap();
     writeln!(w, "}};").unwrap();
     Ok(s)
+}
+
+fn functions(w: &mut String, field: &str, list: &[Bdf]) {
+    write!(w, "            {field}: &[").unwrap();
+    for p in list {
+        write!(
+            w,
+            "crate::config::PciFunction {{ bus: {:#04x}, device: {:#04x}, function: {} }}, ",
+            p.bus, p.device, p.function
+        )
+        .unwrap();
+    }
+    writeln!(w, "],").unwrap();
+}
+
+fn smmu_power(w: &mut String, p: Option<&SmmuPower>) {
+    let Some(p) = p else {
+        writeln!(w, "    smmu_power: None,").unwrap();
+        return;
+    };
+    writeln!(w, "    smmu_power: Some(crate::config::SmmuPowerConfig {{").unwrap();
+    match &p.gdsc {
+        None => writeln!(
+            w,
+            "        domain: crate::config::PowerDomainKind::Simulated,"
+        )
+        .unwrap(),
+        Some(g) => {
+            writeln!(
+                w,
+                "        domain: crate::config::PowerDomainKind::Gdsc(crate::config::GdscConfig {{"
+            )
+            .unwrap();
+            writeln!(w, "            name: {:?},", g.name).unwrap();
+            writeln!(w, "            base: {:#x},", g.base).unwrap();
+            writeln!(w, "            size: {:#x},", g.size).unwrap();
+            writeln!(w, "            gdscr: {:#x},", g.gdscr).unwrap();
+            writeln!(w, "            flags: {:#x},", g.flags).unwrap();
+            write!(w, "            clocks: &[").unwrap();
+            for (name, cbcr, halt) in &g.clocks {
+                write!(
+                    w,
+                    "crate::config::BranchClockConfig {{ name: {name:?}, cbcr: {cbcr:#x}, halt: {halt:?} }}, "
+                )
+                .unwrap();
+            }
+            writeln!(w, "],").unwrap();
+            writeln!(w, "        }}),").unwrap();
+        }
+    }
+    writeln!(w, "        autosuspend_ms: {},", p.autosuspend_ms).unwrap();
+    writeln!(w, "    }}),").unwrap();
 }
 
 fn windows(w: &mut String, field: &str, ty: &str, list: &[Window]) {
@@ -138,6 +187,8 @@ mod tests {
             pci: vec![],
             stream_ids: vec![],
             test_services: false,
+            power_controller: None,
+            power_votes: vec![],
         };
         let mut vm0 = vm("vm0", vec![0, 1], 0x5000_0000);
         vm0.bootargs = Some("selftest.tests=all \"quoted\" \\ back".into());
@@ -153,6 +204,8 @@ mod tests {
             function: 0,
         }];
         vm0.stream_ids = vec![8, 9];
+        vm0.power_controller = Some(0x0c00_0000);
+        vm0.power_votes = vm0.pci.clone();
         Board {
             name: "qemu-virt".into(),
             exit: Exit::Semihosting,
@@ -166,6 +219,10 @@ mod tests {
                 smp: 4,
                 memory: 1 << 30,
                 devices: vec![],
+            }),
+            smmu_power: Some(SmmuPower {
+                autosuspend_ms: 20,
+                gdsc: None,
             }),
             vms: vec![vm0, vm("vm1", vec![2, 3], 0x5800_0000)],
         }
@@ -188,6 +245,10 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
     exit: crate::config::ExitMethod::Semihosting,
     early_console: Some(0x9000000),
     hyp_pool_size: 0x2000000,
+    smmu_power: Some(crate::config::SmmuPowerConfig {
+        domain: crate::config::PowerDomainKind::Simulated,
+        autosuspend_ms: 20,
+    }),
     vms: &[
         crate::config::VmConfig {
             name: "vm0",
@@ -201,6 +262,8 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
             payload: include_bytes!("/tmp/x \"y\"/selftest.bin"),
             bootargs: Some("selftest.tests=all \"quoted\" \\ back"),
             test_services: false,
+            power_controller_ipa: Some(0xc000000),
+            power_votes: &[crate::config::PciFunction { bus: 0x00, device: 0x01, function: 0 }, ],
         },
         crate::config::VmConfig {
             name: "vm1",
@@ -214,11 +277,40 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
             payload: include_bytes!("/tmp/x \"y\"/selftest.bin"),
             bootargs: None,
             test_services: false,
+            power_controller_ipa: None,
+            power_votes: &[],
         },
     ],
 };
 "#;
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn gdsc_domain() {
+        let mut b = board();
+        b.smmu_power = Some(SmmuPower {
+            autosuspend_ms: 50,
+            gdsc: Some(crate::board::Gdsc {
+                name: "pcie_tbu".into(),
+                base: 0x10_0000,
+                size: 0x1f_0000,
+                gdscr: 0x7d03c,
+                flags: 1,
+                clocks: vec![("tbu_clk".into(), 0x9000c, "skip".into())],
+            }),
+        });
+        let text = generate(&b, "f", &payloads()).unwrap();
+        assert!(
+            text.contains(
+                "domain: crate::config::PowerDomainKind::Gdsc(crate::config::GdscConfig {"
+            )
+        );
+        assert!(text.contains("gdscr: 0x7d03c,"));
+        assert!(text.contains(
+            "clocks: &[crate::config::BranchClockConfig { name: \"tbu_clk\", cbcr: 0x9000c, halt: \"skip\" }, ],"
+        ));
+        assert!(text.contains("autosuspend_ms: 50,"));
     }
 
     #[test]

@@ -60,6 +60,32 @@ pub const SCENARIOS: &[Scenario] = &[
                 c.contains(&format!("[vm1] selftest: PASS {check}"));
             }
             c.contains("vSMMU traps:");
+            // The SMMU's runtime PM reports its counters (vm0 votes its edu on, vm1's is
+            // active through Bus Master Enable).
+            c.contains("hyp: SMMU power:");
+            c.number_at_least("hyp: SMMU power:", "power-on errors", 0, 0);
+            c.absent("FAIL");
+            c.status(0);
+        },
+    },
+    Scenario {
+        name: "power",
+        about: "vm0 power-cycles the SMMU 100 times through its emulated GDSC vote: DMA works when \
+                on and does not land when off, stage-1 changes made while off (TLBIs skipped) are \
+                used after power-up; vm1 runs its DMA checks beside it",
+        setup: |b| b.set_bootargs(0, "selftest.tests=dma selftest.power"),
+        bad_dtb: false,
+        check: |c| {
+            c.contains("[vm0] selftest: PASS smmu-power-cycle");
+            c.contains("[vm0] selftest: ALL PASS");
+            c.contains("[vm1] selftest: ALL PASS");
+            c.contains("[vm1] selftest: PASS dma-after-hostile");
+            // The hypervisor's own counters agree with what the guest saw.
+            c.number_at_least("hyp: SMMU power:", "power-downs", 100, u64::MAX);
+            c.number_at_least("hyp: SMMU power:", "power-ups", 100, u64::MAX);
+            c.number_at_least("hyp: SMMU power:", "TLBIs skipped", 100, u64::MAX);
+            c.number_at_least("hyp: SMMU power:", "power-on errors", 0, 0);
+            c.number_at_least("hyp: SMMU power:", "power-off errors", 0, 0);
             c.absent("FAIL");
             c.status(0);
         },
@@ -146,6 +172,34 @@ impl<'a> Checks<'a> {
         }
     }
 
+    /// The first line holding `marker` has `<n> <label>` with `min <= n <= max`.
+    pub fn number_at_least(&mut self, marker: &str, label: &str, min: u64, max: u64) {
+        let Some(line) = self.outcome.output.lines().find(|l| l.contains(marker)) else {
+            self.failures.push(format!("missing `{marker}`"));
+            return;
+        };
+        let n = line.find(&format!(" {label}")).and_then(|at| {
+            let digits: String = line[..at]
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            digits.parse::<u64>().ok()
+        });
+        match n {
+            Some(n) if (min..=max).contains(&n) => {}
+            Some(n) => self.failures.push(format!(
+                "`{marker}` line: {n} {label}, expected {min}..={max}"
+            )),
+            None => self
+                .failures
+                .push(format!("`{marker}` line has no `<n> {label}`: {line:?}")),
+        }
+    }
+
     /// Some line holds all of `parts`.
     pub fn line_with(&mut self, parts: &[&str], what: &str) {
         let found = self
@@ -204,6 +258,17 @@ pub fn status_meaning(code: i32) -> &'static str {
 
 /// Builds one scenario's image and runs it. `Ok(failures)`; `Err` for build problems.
 pub fn run(scenario: &Scenario, qemu: &Path, timeout: Duration) -> Result<Vec<String>> {
+    run_outcome(scenario, qemu, timeout, true).map(|(_, failures)| failures)
+}
+
+/// Builds one scenario's image and runs it (echoing its console when `echo`): what happened and
+/// the failed expectations.
+pub fn run_outcome(
+    scenario: &Scenario,
+    qemu: &Path,
+    timeout: Duration,
+    echo: bool,
+) -> Result<(Outcome, Vec<String>)> {
     let root = util::root();
     let (mut file, source) = board::load(&root, BOARD)?;
     (scenario.setup)(&mut file)?;
@@ -229,7 +294,7 @@ pub fn run(scenario: &Scenario, qemu: &Path, timeout: Duration) -> Result<Vec<St
             timeout: Some(timeout),
             prefix: Some(format!("[{}] ", scenario.name)),
             interactive: false,
-            echo: true,
+            echo,
         },
     )?;
     let mut checks = Checks::new(&outcome);
@@ -242,7 +307,8 @@ pub fn run(scenario: &Scenario, qemu: &Path, timeout: Duration) -> Result<Vec<St
             eprintln!("    {}", l.trim_end());
         }
     }
-    Ok(checks.failures)
+    let failures = checks.failures;
+    Ok((outcome, failures))
 }
 
 #[cfg(test)]
@@ -296,7 +362,7 @@ mod tests {
         })
         .collect();
         let good = &(dma
-            + "hyp: vm0: vSMMU traps: 1\n[vm0] selftest: PASS stage2-remap\r\n[vm1] selftest: PASS stage2-remap\r\n[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n");
+            + "hyp: vm0: vSMMU traps: 1\nhyp: SMMU power: 1 power-ups, 0 power-on errors\n[vm0] selftest: PASS stage2-remap\r\n[vm1] selftest: PASS stage2-remap\r\n[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n");
         assert!(failures("smp", &outcome(good, 0)).is_empty());
         let f = failures("smp", &outcome(good, 1));
         assert!(f[0].contains("exit status 1"), "{f:?}");
@@ -313,6 +379,21 @@ mod tests {
         t.timed_out = true;
         assert!(failures("smp", &t)[0].contains("timed out"));
         assert!(!failures("smp", &outcome(&format!("{good}hyp: PANIC at x\n"), 0)).is_empty());
+    }
+
+    #[test]
+    fn power_counters() {
+        let line = "hyp: SMMU power: 101 power-ups, 100 power-downs, 3 ms off, 100 TLBIs skipped while off, resume last 40 us / max 90 us (boot reset 300 us), 0 power-on errors, 0 power-off errors, now Suspended\n";
+        let pass = format!(
+            "[vm0] selftest: PASS smmu-power-cycle\n[vm0] selftest: ALL PASS\n[vm1] selftest: PASS dma-after-hostile\n[vm1] selftest: ALL PASS\n{line}"
+        );
+        assert!(failures("power", &outcome(&pass, 0)).is_empty());
+        let few = pass.replace("100 power-downs", "99 power-downs");
+        assert_eq!(failures("power", &outcome(&few, 0)).len(), 1);
+        let err = pass.replace("0 power-on errors", "2 power-on errors");
+        assert_eq!(failures("power", &outcome(&err, 0)).len(), 1);
+        let none = pass.replace(line, "");
+        assert_eq!(failures("power", &outcome(&none, 0)).len(), 5);
     }
 
     #[test]

@@ -53,11 +53,27 @@ pub struct Deadline(u64);
 impl Deadline {
     /// `ms` milliseconds from now.
     pub fn after_ms(ms: u64) -> Self {
-        let freq = match cntfrq_el0() & 0xffff_ffff {
+        Deadline(cntvct_el0().saturating_add(Self::freq() * ms / 1000))
+    }
+
+    /// `us` microseconds from now.
+    pub fn after_us(us: u64) -> Self {
+        Deadline(cntvct_el0().saturating_add(Self::freq() * us / 1_000_000))
+    }
+
+    /// The counter's frequency in Hz.
+    fn freq() -> u64 {
+        match cntfrq_el0() & 0xffff_ffff {
             0 => 100_000_000, // CNTFRQ not set up: assume 100 MHz
             f => f,
-        };
-        Deadline(cntvct_el0().saturating_add(freq * ms / 1000))
+        }
+    }
+
+    /// Spins until the deadline has passed.
+    pub fn wait(&self) {
+        while !self.expired() {
+            core::hint::spin_loop();
+        }
     }
 
     /// Whether the deadline has passed.

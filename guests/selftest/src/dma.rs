@@ -31,6 +31,11 @@
 //! Then the hostile-guest checks of `hostile.rs` (nonsense written to the SMMU is contained,
 //! reported as hardware would, and the guest's own DMA works afterwards). The stream table
 //! therefore also covers [`hostile::foreign_sid`], a StreamID the VM does not own.
+//!
+//! Power: when the DT has an emulated power controller (`hyp,gdsc-controller`, `power.rs`), the
+//! setup votes its domain 0 (the edu) on and waits for it before any DMA, since the SMMU may
+//! start powered off; a domain that does not power up fails the setup, hence every DMA check.
+//! With `selftest.power`, `smmu-power-cycle` (`power.rs`) runs last.
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -41,6 +46,7 @@ use crate::dt::DtInfo;
 use crate::edu::{self, Edu};
 use crate::hostile;
 use crate::pci::HostBridge;
+use crate::power::{self, PowerCtrl};
 use crate::report::{CheckResult, Msg, Report, ensure, fail};
 use crate::smmu::{self, Cmd, DmaMem, Event, IoPageTable, Smmu};
 
@@ -48,9 +54,9 @@ pub(crate) const PAGE: usize = 4096;
 /// The IOVAs of the source and destination pages: far from any IPA of the guest's RAM.
 pub(crate) const IOVA_SRC: u64 = 0x1_0000_0000;
 pub(crate) const IOVA_DST: u64 = IOVA_SRC + PAGE as u64;
-const ASID: u16 = 1;
+pub(crate) const ASID: u16 = 1;
 /// Bytes per transfer that should land.
-const LEN: usize = 1024;
+pub(crate) const LEN: usize = 1024;
 /// Bytes per transfer that should fault (QEMU queues one event per 4 bytes).
 pub(crate) const FAULT_LEN: usize = 64;
 /// Outside the VM: the hypervisor's load address on QEMU `virt`.
@@ -60,8 +66,10 @@ pub(crate) const SRC: usize = 0;
 pub(crate) const DST: usize = 1;
 const PROBE: usize = 2;
 const CANARY: usize = 3;
+/// The page `smmu-power-cycle` maps `IOVA_DST` to every other cycle (the others: `DST`).
+pub(crate) const ALT: usize = 4;
 
-static BUFS: DmaMem<[[u8; PAGE]; 4]> = DmaMem::new([[0; PAGE]; 4]);
+static BUFS: DmaMem<[[u8; PAGE]; 5]> = DmaMem::new([[0; PAGE]; 5]);
 static IOPT: DmaMem<IoPageTable> = DmaMem::new(IoPageTable::new());
 
 /// Address (VA == IPA) of buffer page `i`.
@@ -69,7 +77,7 @@ pub(crate) fn page(i: usize) -> usize {
     BUFS.addr() + i * PAGE
 }
 
-fn pattern(seed: u8, off: usize) -> u8 {
+pub(crate) fn pattern(seed: u8, off: usize) -> u8 {
     (off as u8).wrapping_mul(0x1d).wrapping_add(seed) ^ (off >> 8) as u8
 }
 
@@ -94,21 +102,33 @@ pub(crate) fn mismatch(
     })
 }
 
+/// Points `IOVA_DST` at buffer page `i` in the edu's stage-1 table; the caller invalidates.
+pub(crate) fn map_dst(i: usize) {
+    // SAFETY: IOPT was initialised in `setup`, which every user of a `Dma` ran first; the SMMU
+    // only reads it.
+    unsafe { IoPageTable::set(IOPT.ptr(), IOVA_DST, Some(page(i) as u64)) };
+}
+
 /// Everything the checks share.
 pub(crate) struct Dma {
     pub(crate) smmu: Smmu,
     pub(crate) edu: Edu,
     pub(crate) sid: u32,
+    /// The emulated power controller, when the DT has one (domain 0 is the edu's).
+    pub(crate) power: Option<PowerCtrl>,
 }
 
-/// Runs the DMA checks and records them.
-pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool) {
+/// Runs the DMA checks and records them; then `smmu-power-cycle` with `power_cycles` cycles
+/// when that is given (`selftest.power`).
+pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool, power_cycles: Option<u32>) {
     let mut dma = match setup(dt) {
         Ok(d) => d,
         Err(why) => {
+            let power_check = power_cycles.map(|_| power::CHECK);
             for name in ["dma-s1", "dma-unmap", "dma-bypass"]
                 .iter()
                 .chain(hostile::CHECKS)
+                .chain(power_check.as_ref())
             {
                 report.record(name, Err(Msg::new(format_args!("setup: {why}"))));
             }
@@ -129,6 +149,9 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool) {
     // After a DT that parsed (setup needs it): the first address past the VM's RAM.
     let ram_end = dt.and_then(|d| d.ram).map_or(0, |(b, s)| (b + s) as u64);
     hostile::run(report, &mut dma, ram_end, bare);
+    if let Some(cycles) = power_cycles {
+        power::run(report, &mut dma, cycles, bare);
+    }
 }
 
 fn setup(dt: Option<&DtInfo>) -> Result<Dma, Msg> {
@@ -141,6 +164,19 @@ fn setup(dt: Option<&DtInfo>) -> Result<Dma, Msg> {
         Ok(f) => f,
         Err(e) => fail!("cannot parse DTB: {e:?}"),
     };
+    // The edu's power domain first: the SMMU in front of it may be off until someone votes.
+    let power = PowerCtrl::from_dt(&fdt)?;
+    if let Some(pc) = &power {
+        if let Err(e) = pc.power_on(power::EDU_DOMAIN) {
+            fail!("power controller: {e}");
+        }
+        println!(
+            "selftest: dma: power controller at {:#x}, {} domain(s); domain {} (edu) on",
+            pc.base(),
+            pc.domains(),
+            power::EDU_DOMAIN
+        );
+    }
     let (smmu_base, smmu_phandle) = smmu::from_dt(&fdt)?;
     let bridge = HostBridge::from_dt(&fdt)?;
     let Some(bdf) = bridge.find(edu::VENDOR, edu::DEVICE) else {
@@ -173,7 +209,12 @@ fn setup(dt: Option<&DtInfo>) -> Result<Dma, Msg> {
          IOVA {IOVA_SRC:#x} -> IPA {:#x}",
         page(SRC)
     );
-    Ok(Dma { smmu, edu, sid })
+    Ok(Dma {
+        smmu,
+        edu,
+        sid,
+        power,
+    })
 }
 
 impl Dma {
@@ -209,12 +250,23 @@ impl Dma {
     /// RAM -> edu -> RAM: copies `LEN` bytes of a fresh pattern from bus address `src` (page
     /// `SRC`) to bus address `dst` (page `DST`) and checks page `DST`.
     pub(crate) fn round_trip(&mut self, seed: u8, src: u64, dst: u64) -> CheckResult {
+        self.round_trip_to(seed, src, dst, DST)
+    }
+
+    /// [`Dma::round_trip`] for a bus address `dst` that names buffer page `dst_page`.
+    pub(crate) fn round_trip_to(
+        &mut self,
+        seed: u8,
+        src: u64,
+        dst: u64,
+        dst_page: usize,
+    ) -> CheckResult {
         self.events();
         fill(SRC, |off| pattern(seed, off));
-        fill(DST, |_| 0xc5);
+        fill(dst_page, |_| 0xc5);
         self.edu.bus_to_buf(src, 0, LEN as u64)?;
         self.edu.buf_to_bus(0, dst, LEN as u64)?;
-        if let Some((off, got)) = mismatch(DST, 0..LEN, |off| pattern(seed, off)) {
+        if let Some((off, got)) = mismatch(dst_page, 0..LEN, |off| pattern(seed, off)) {
             let hint = match self.events() {
                 (_, Some(e)) if e.addr() != src && e.addr() != dst => {
                     Msg::new(format_args!("; {e}; edu dma_mask?"))
@@ -227,7 +279,7 @@ impl Dma {
                 pattern(seed, off)
             );
         }
-        if let Some((off, got)) = mismatch(DST, LEN..PAGE, |_| 0xc5) {
+        if let Some((off, got)) = mismatch(dst_page, LEN..PAGE, |_| 0xc5) {
             fail!("DMA wrote past its end: byte {off:#x} of the destination is {got:#x}");
         }
         self.no_events("a DMA that should succeed")

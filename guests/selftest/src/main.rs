@@ -18,7 +18,14 @@
 //!   standard checks plus the DMA checks (`dma.rs`: an SMMUv3 and QEMU's
 //!   `edu` PCI device, which must be given with
 //!   `-device edu,dma_mask=0xffffffffffffffff`), then the hostile-guest SMMU
-//!   checks (`hostile.rs`);
+//!   checks (`hostile.rs`). When the DT has an emulated power controller
+//!   (`hyp,gdsc-controller`), its domain 0 (the edu) is voted on first;
+//! * `selftest.power`: the DMA checks (as `selftest.dma`) and then
+//!   `smmu-power-cycle` (`power.rs`): the SMMU is powered off and on through
+//!   the power controller's votes, with DMA and a stage-1 remap while it is
+//!   off, 100 times; fails without a power controller in the DT;
+//! * `selftest.power.cycles=N` (implies `selftest.power`): `N` cycles
+//!   (1..=100000) instead of 100;
 //! * `selftest.panic`: panic right after the banner (a guest panic must fail
 //!   the run);
 //! * `selftest.bare`: running without the hypervisor (smoke test on bare
@@ -70,6 +77,8 @@ mod hostile;
 #[cfg(selftest_guest)]
 mod pci;
 #[cfg(selftest_guest)]
+mod power;
+#[cfg(selftest_guest)]
 mod psci;
 #[cfg(selftest_guest)]
 mod remap;
@@ -93,15 +102,24 @@ mod guest {
         aborts: bool,
         /// The DMA checks (SMMUv3 + edu).
         dma: bool,
+        /// `smmu-power-cycle` (after the DMA checks).
+        power: bool,
+        /// Its number of cycles.
+        power_cycles: u32,
         panic: bool,
         bare: bool,
         /// An unknown `selftest.tests=` value.
         bad_tests: Option<&'a str>,
+        /// A `selftest.power.cycles=` value that is not a number in range.
+        bad_cycles: Option<&'a str>,
     }
 
     impl<'a> Config<'a> {
         fn parse(bootargs: &'a str) -> Self {
-            let mut cfg = Config::default();
+            let mut cfg = Config {
+                power_cycles: crate::power::DEFAULT_CYCLES,
+                ..Config::default()
+            };
             for word in bootargs.split_ascii_whitespace() {
                 if let Some(tests) = word.strip_prefix("selftest.tests=") {
                     match tests {
@@ -112,6 +130,16 @@ mod guest {
                     }
                 } else if word == "selftest.dma" {
                     cfg.dma = true;
+                } else if word == "selftest.power" {
+                    cfg.dma = true;
+                    cfg.power = true;
+                } else if let Some(n) = word.strip_prefix("selftest.power.cycles=") {
+                    cfg.dma = true;
+                    cfg.power = true;
+                    match n.parse() {
+                        Ok(n @ 1..=crate::power::MAX_CYCLES) => cfg.power_cycles = n,
+                        _ => cfg.bad_cycles = Some(n),
+                    }
                 } else if word == "selftest.panic" {
                     cfg.panic = true;
                 } else if word == "selftest.bare" {
@@ -145,6 +173,16 @@ mod guest {
                 "bootargs",
                 Err(Msg::new(format_args!(
                     "unknown selftest.tests={bad} (want all, abort or dma)"
+                ))),
+            );
+        }
+        if let Some(bad) = cfg.bad_cycles {
+            report.record(
+                "bootargs",
+                Err(Msg::new(format_args!(
+                    "bad selftest.power.cycles={bad} (want 1..={}); running {}",
+                    crate::power::MAX_CYCLES,
+                    cfg.power_cycles
                 ))),
             );
         }
@@ -184,7 +222,8 @@ mod guest {
             checks::aborts(&mut report, dt.as_ref().ok());
         }
         if cfg.dma {
-            dma::run(&mut report, dt.as_ref().ok(), cfg.bare);
+            let power_cycles = cfg.power.then_some(cfg.power_cycles);
+            dma::run(&mut report, dt.as_ref().ok(), cfg.bare, power_cycles);
         }
         report.finish()
     }

@@ -32,21 +32,32 @@ pub enum Conduit {
 /// The call must not break memory safety: in particular a CPU_ON entry point
 /// must be code that can run a vCPU from reset state (use [`cpu_on`]).
 pub unsafe fn call_raw(conduit: Conduit, fid: u32, a1: u64, a2: u64, a3: u64) -> u64 {
-    let mut x0 = u64::from(fid);
+    // SAFETY: per the caller.
+    let [x0, ..] = unsafe { call_regs(conduit, fid, a1, a2, a3) };
+    x0
+}
+
+/// Makes an SMCCC call and returns x0..x3 as the callee left them (for calls
+/// that return more than a status).
+///
+/// # Safety
+/// As for [`call_raw`].
+pub unsafe fn call_regs(conduit: Conduit, fid: u32, a1: u64, a2: u64, a3: u64) -> [u64; 4] {
+    let (mut x0, mut x1, mut x2, mut x3) = (u64::from(fid), a1, a2, a3);
     match conduit {
         // SAFETY: the caller guarantees the call itself is harmless; the
         // asm declares every register SMCCC lets the callee clobber.
         Conduit::Hvc => unsafe {
-            asm!("hvc #0", inout("x0") x0, inout("x1") a1 => _, inout("x2") a2 => _,
-                 inout("x3") a3 => _, clobber_abi("C"), options(nostack));
+            asm!("hvc #0", inout("x0") x0, inout("x1") x1, inout("x2") x2,
+                 inout("x3") x3, clobber_abi("C"), options(nostack));
         },
         // SAFETY: as above.
         Conduit::Smc => unsafe {
-            asm!("smc #0", inout("x0") x0, inout("x1") a1 => _, inout("x2") a2 => _,
-                 inout("x3") a3 => _, clobber_abi("C"), options(nostack));
+            asm!("smc #0", inout("x0") x0, inout("x1") x1, inout("x2") x2,
+                 inout("x3") x3, clobber_abi("C"), options(nostack));
         },
     }
-    x0
+    [x0, x1, x2, x3]
 }
 
 /// Makes a call that has no side effects on this guest's memory or vCPUs

@@ -23,7 +23,11 @@
 //!   them (PMU, `gpio-keys`, `platform-bus`, `__symbols__`) is dropped, as is every node with
 //!   `reg` outside the VM's devices (virtio-mmio, flash, fw-cfg, unowned PL031/PL061);
 //! * `/aliases` entries that name kept nodes;
-//! * memory reservations and a fresh `/reserved-memory` from [`GuestSpec::reserved`].
+//! * memory reservations and a fresh `/reserved-memory` from [`GuestSpec::reserved`];
+//! * a `power-controller@<ipa>` node for the emulated power controller when
+//!   [`GuestSpec::power_controller`] is set (`compatible = "hyp,gdsc-controller"`,
+//!   `#power-domain-cells = <1>`, `hyp,domains = <N>`): guest drivers of the masters whose
+//!   power votes the hypervisor follows refer to it with `power-domains = <&pc i>`.
 //!
 //! `iommus` of a kept device is dropped when it names an IOMMU the guest does not see (the
 //! hypervisor owns the SMMU); other references to dropped nodes (clocks, power domains) are left
@@ -39,6 +43,7 @@ use super::DtError;
 use super::blob;
 use super::machine::Region;
 use super::tree::{Tree, to_cells};
+use crate::vdev::power_ctrl::POWER_CTRL_MMIO_SIZE;
 
 /// What a VM's device tree should describe. All addresses are guest-physical (IPA).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +64,17 @@ pub struct GuestSpec {
     pub keep_pci: bool,
     /// PSCI conduit the guest uses: `"hvc"` for our guests.
     pub psci_method: &'static str,
+    /// The emulated power controller the VM sees, if it has one (a node is added for it).
+    pub power_controller: Option<PowerCtrlNode>,
+}
+
+/// Where the VM's emulated power controller (`vdev::power_ctrl`) is and how many domains it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PowerCtrlNode {
+    /// IPA of its 4 KiB register window.
+    pub ipa: u64,
+    /// Number of GDSC-style domains (one per master with a vote source, in board order).
+    pub domains: u32,
 }
 
 impl Default for GuestSpec {
@@ -72,6 +88,7 @@ impl Default for GuestSpec {
             bootargs: None,
             keep_pci: false,
             psci_method: "hvc",
+            power_controller: None,
         }
     }
 }
@@ -148,6 +165,9 @@ fn check_spec(spec: &GuestSpec) -> Result<(), DtError> {
             w[0].base, w[0].size, w[1].base, w[1].size
         );
         return Err(DtError::Spec(msg));
+    }
+    if spec.power_controller.is_some_and(|pc| pc.domains == 0) {
+        return Err(DtError::Spec("power controller without domains".into()));
     }
     if !matches!(spec.psci_method, "hvc" | "smc") {
         return Err(DtError::Spec(format!(
@@ -419,7 +439,36 @@ impl Emitter<'_, '_> {
         if !self.spec.reserved.is_empty() {
             self.reserved_memory()?;
         }
+        if let Some(pc) = self.spec.power_controller {
+            self.power_controller(pc)?;
+        }
         self.end("/", root)
+    }
+
+    /// The emulated power controller (`vdev::power_ctrl`): a node the hypervisor invents, so the
+    /// guest can find its registers and name its domains in `power-domains` (one cell: the index).
+    fn power_controller(&mut self, pc: PowerCtrlNode) -> Result<(), DtError> {
+        let path = format!("/power-controller@{:x}", pc.ipa);
+        let name = &path[1..];
+        // A host node of that name could only be kept if its window were the VM's: two nodes
+        // with one name would make the guest see only one of them.
+        let t = self.t;
+        if t.children(0)
+            .iter()
+            .any(|&c| self.plan.keep[c] && t.name(c) == name)
+        {
+            return Err(DtError::Spec(format!(
+                "power controller {:#x}: the guest already has a node {name}",
+                pc.ipa
+            )));
+        }
+        let reg = self.root_reg(&[Region::new(pc.ipa, POWER_CTRL_MMIO_SIZE)])?;
+        let node = self.begin(&path, name)?;
+        self.string(&path, "compatible", "hyp,gdsc-controller")?;
+        self.prop(&path, "reg", &reg)?;
+        self.prop(&path, "#power-domain-cells", &1u32.to_be_bytes())?;
+        self.prop(&path, "hyp,domains", &pc.domains.to_be_bytes())?;
+        self.end(&path, node)
     }
 
     /// Emits root child `i` according to its role (`i` is 0 for a node the host lacks).
@@ -844,6 +893,81 @@ mod tests {
                 && fdt.find_node("/iommu@15000000").is_none()
         );
         assert!(fdt.find_node("/soc").unwrap().property("ranges").is_some());
+    }
+
+    #[test]
+    fn power_controller_node() {
+        let spec = GuestSpec {
+            power_controller: Some(PowerCtrlNode {
+                ipa: 0x0a00_0000,
+                domains: 3,
+            }),
+            ..selftest_spec()
+        };
+        let dtb = derive_guest(QEMU_VIRT, &spec).unwrap();
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let pc = fdt.find_node("/power-controller@a000000").unwrap();
+        assert_eq!(
+            pc.property("compatible").unwrap().as_str(),
+            Some("hyp,gdsc-controller")
+        );
+        // QEMU's root has #address-cells = #size-cells = 2.
+        let cells = |v: &[u8]| -> Vec<u32> {
+            v.chunks(4)
+                .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        assert_eq!(
+            cells(pc.property("reg").unwrap().value),
+            [0, 0x0a00_0000, 0, 0x1000]
+        );
+        let mut reg = pc.reg().unwrap();
+        let r = reg.next().unwrap();
+        assert_eq!(
+            (r.starting_address as u64, r.size),
+            (0x0a00_0000, Some(0x1000))
+        );
+        assert!(reg.next().is_none());
+        let path = "/power-controller@a000000";
+        assert_eq!(prop_u32(&dtb, path, "#power-domain-cells"), Some(1));
+        assert_eq!(prop_u32(&dtb, path, "hyp,domains"), Some(3));
+        // Exactly one such node, and none without the spec asking for it.
+        let names = node_names(&dtb);
+        let count = names
+            .iter()
+            .filter(|n| n.starts_with("power-controller"))
+            .count();
+        assert_eq!(count, 1, "{names:?}");
+        let plain = derive_guest(QEMU_VIRT, &selftest_spec()).unwrap();
+        assert!(
+            !node_names(&plain)
+                .iter()
+                .any(|n| n.starts_with("power-controller"))
+        );
+
+        // Zero domains is a spec error; a kept host node with the same name is one too.
+        let none = GuestSpec {
+            power_controller: Some(PowerCtrlNode {
+                ipa: 0x0a00_0000,
+                domains: 0,
+            }),
+            ..spec.clone()
+        };
+        assert_eq!(
+            derive_guest(QEMU_VIRT, &none).unwrap_err().to_string(),
+            "invalid guest spec: power controller without domains"
+        );
+        let mut b = Builder::new();
+        b.node("power-controller@a000000", |b| {
+            b.cells("reg", &[0, 0x0a00_0000, 0, 0x1000]);
+        });
+        let clash = GuestSpec {
+            console: None,
+            devices: alloc::vec![Region::new(0x0a00_0000, 0x1000)],
+            ..spec
+        };
+        let msg = derive_guest(&b.finish(), &clash).unwrap_err().to_string();
+        assert!(msg.contains("already has a node"), "{msg}");
     }
 
     #[test]

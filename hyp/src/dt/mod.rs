@@ -42,7 +42,7 @@ mod testutil;
 use alloc::string::String;
 use core::fmt;
 
-pub use guest::{GuestSpec, derive_guest};
+pub use guest::{GuestSpec, PowerCtrlNode, derive_guest};
 pub use machine::{
     Conduit, Cpu, GicV3, IommuMap, Irq, IrqKind, Machine, PciRange, PciSpace, PcieHost, Psci,
     Region, Smmu, SmmuKind, TimerIrqs, Uart, UartKind, parse,

@@ -29,6 +29,8 @@ use crate::mm::layout::{self, Range};
 use crate::mm::pgtable::{Attrs, PageTable, Regime};
 use crate::mm::stage2::backend::smmuv3::SmmuV3Tlb;
 use crate::mm::stage2::{PagePool, SplitPolicy, Stage2, Stage2Config, Stage2Table};
+use crate::power::activity::ActivitySink;
+use crate::power::tlb_gate::PoweredTlb;
 use crate::run::{self, RunTracker, StopReason, VmRunState};
 use crate::smmu;
 use crate::smmu::v3::cmdq::{CmdQueue, CmdqOptions};
@@ -38,9 +40,10 @@ use crate::smmu::vsmmu::{PhysError, PhysSmmu, VSMMU_MMIO_SIZE, VSmmu, VsmmuIrq};
 use crate::trap::hyptest::{self, HypTestCall};
 use crate::trap::{self, AbortKind, GuestExcState, MmioBus, PsciOutcome, Trap, VPsci};
 use crate::vdev::pci_ecam::{BarAllocator, EcamWindow, VirtEcam};
-use crate::vdev::{ConsoleSink, VirtPl011};
+use crate::vdev::{ConsoleSink, POWER_CTRL_MMIO_SIZE, PowerDomain, VirtPl011, VirtPowerCtrl};
 
 mod devices;
+mod power;
 
 mod board {
     include!(concat!(env!("OUT_DIR"), "/board_config.rs"));
@@ -100,6 +103,10 @@ pub struct Vm {
     pub stage2: Arc<VmStage2>,
     /// The VM's emulated SMMUv3, when it has DMA masters behind the SMMU.
     pub vsmmu: Option<Arc<VSmmu>>,
+    /// The VM's filtered PCI config space, when it has PCI functions.
+    pub ecam: Option<Arc<VirtEcam>>,
+    /// The VM's emulated power controller, when its board entry gives it one.
+    pub power_ctrl: Option<Arc<VirtPowerCtrl>>,
     /// VTCR/VTTBR values for this VM.
     pub s2regs: hw::Stage2Regs,
     /// Physical CPU index of each vCPU.
@@ -289,7 +296,10 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
 
     STAGE2.call_once(|| stage2_config(machine));
     TABLE_PAGES.call_once(|| PagePool::new(&FRAMES, TABLE_POOL_BATCH));
-    SMMU.call_once(|| init_smmu(machine));
+    let smmu = SMMU.call_once(|| init_smmu(machine)).as_ref();
+    if let Some(host) = smmu {
+        power::init(host);
+    }
     let vms = create_vms(machine, blob);
     SID_OWNERS.call_once(|| {
         vms.iter()
@@ -317,6 +327,9 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
     });
     TRACKER.call_once(|| RunTracker::new(vms.len()));
     VMS.call_once(|| vms);
+    // The SMMU was powered for the reset and the STEs; from here on it stays on only while a
+    // master is active.
+    power::schedule_autosuspend();
     start_secondaries(machine, my_index);
     run_cpu(my_index)
 }
@@ -389,6 +402,14 @@ fn build_final_map(machine: &Machine, image: &boot::ImageLayout, ram: &[Range], 
         devices.push((base, 0x1000));
     }
     devices.extend(machine.smmus.iter().map(|s| (s.base, s.size)));
+    if let Some(crate::config::SmmuPowerConfig {
+        domain: crate::config::PowerDomainKind::Gdsc(g),
+        ..
+    }) = board().smmu_power
+    {
+        // The clock controller holding the SMMU's GDSC and clocks.
+        devices.push((g.base, u64::from(g.size)));
+    }
     if let Some(p) = &machine.pcie {
         devices.push((p.ecam.base, p.ecam.size));
     }
@@ -484,6 +505,7 @@ pub fn handle_irq() {
             _ if Some(intid) == MACHINE.get().map(hyp_timer_intid) => {
                 platform::hyp_timer_stop();
                 TIMER_FIRED.store(true, Ordering::Release);
+                power::timer_tick();
             }
             other => warn!("unexpected interrupt {other}"),
         }
@@ -545,6 +567,9 @@ pub struct SmmuHost {
     pub base: u64,
     pub oas_bits: u32,
     pub ril: bool,
+    /// IIDR and AIDR, read once at probe (the SMMU may be powered off later).
+    pub iidr: u32,
+    pub aidr: u32,
 }
 
 /// Probes and resets the first SMMUv3 in the DT: every stream aborts, GBPA aborts (no bypass
@@ -560,11 +585,13 @@ fn init_smmu(machine: &Machine) -> Option<SmmuHost> {
     let fail = |what: &str, e: &dyn core::fmt::Display| -> ! {
         fatal(format_args!("SMMU {}: {what}: {e}", s.path))
     };
+    let t0 = sysreg::counter();
     let driver = SmmuV3::probe(mmio, dma, Some(16)).unwrap_or_else(|e| fail("probe", &e));
     driver.reset().unwrap_or_else(|e| fail("reset", &e));
     let cmdq = driver
         .install_cmd_queue(CmdqOptions::default())
         .unwrap_or_else(|e| fail("command queue", &e));
+    power::BOOT_RESET_TICKS.store(sysreg::counter() - t0, Ordering::Relaxed);
     let caps = *driver.caps();
     info!(
         "SMMUv3 {}: reset, every stream aborts; {}-bit StreamIDs ({}), {} command slots, nested {}",
@@ -584,27 +611,72 @@ fn init_smmu(machine: &Machine) -> Option<SmmuHost> {
             s.path
         ));
     }
+    let iidr = driver.mmio().read32(crate::smmu::v3::regs::off::IIDR);
+    let aidr = driver.mmio().read32(crate::smmu::v3::regs::off::AIDR);
     Some(SmmuHost {
         driver,
         cmdq,
         base: s.base,
         oas_bits: caps.oas_bits,
         ril: caps.ril,
+        iidr,
+        aidr,
     })
 }
 
-/// The physical SMMU as a VM's emulated SMMU uses it.
+/// The physical SMMU as a VM's emulated SMMU uses it. With a power domain, nothing here powers
+/// the SMMU up: while it is off, STEs are written to the stream table only (the power-up's
+/// CFGI_ALL picks them up) and forwarded invalidations are skipped (it starts with empty TLBs).
 struct PhysSmmuPort(&'static SmmuHost);
+
+impl PhysSmmuPort {
+    fn ste_error(sid: u32, e: &dyn core::fmt::Display) -> PhysError {
+        warn!("SMMU: STE {sid:#x}: {e}");
+        PhysError::Other("STE write failed")
+    }
+}
 
 impl PhysSmmu for PhysSmmuPort {
     fn write_ste(&self, sid: u32, ste: Ste) -> Result<(), PhysError> {
-        self.0.driver.write_ste(sid, ste).map_err(|e| {
-            warn!("SMMU: STE {sid:#x}: {e}");
-            PhysError::Other("STE write failed")
-        })
+        let Some(domain) = power::domain() else {
+            return self
+                .0
+                .driver
+                .write_ste(sid, ste)
+                .map_err(|e| Self::ste_error(sid, &e));
+        };
+        if let Some(_pin) = domain.get_if_active() {
+            return self
+                .0
+                .driver
+                .write_ste(sid, ste)
+                .map_err(|e| Self::ste_error(sid, &e));
+        }
+        // Off: write the table only. If the SMMU came back meanwhile (its CFGI_ALL may have
+        // read the old entry), invalidate the entry now; if not, the next power-up, ordered
+        // after this check, reads the new one.
+        self.0
+            .driver
+            .write_ste_offline(sid, ste)
+            .map_err(|e| Self::ste_error(sid, &e))?;
+        if let Some(_pin) = domain.get_if_active() {
+            let cfgi = crate::smmu::v3::cmd::Command::CfgiSte { sid, leaf: true }.encode();
+            self.0.cmdq.issue(&[cfgi], true).map_err(|e| {
+                warn!("SMMU: CFGI_STE {sid:#x}: {e:?}");
+                PhysError::Timeout
+            })?;
+        }
+        Ok(())
     }
 
     fn submit(&self, cmds: &[[u64; 2]]) -> Result<(), PhysError> {
+        let _pin = match power::domain() {
+            Some(d) => match d.tlb_begin() {
+                Some(pin) => Some(pin),
+                None => return Ok(()),
+            },
+            None => None,
+        };
         self.0.cmdq.issue(cmds, false).map_err(|e| {
             warn!("SMMU: command queue: {e:?}");
             PhysError::Other("command queue")
@@ -612,6 +684,13 @@ impl PhysSmmu for PhysSmmuPort {
     }
 
     fn sync(&self) -> Result<(), PhysError> {
+        let _pin = match power::domain() {
+            Some(d) => match d.get_if_active() {
+                Some(pin) => Some(pin),
+                None => return Ok(()),
+            },
+            None => None,
+        };
         self.0.cmdq.issue(&[], true).map_err(|e| {
             warn!("SMMU: CMD_SYNC: {e:?}");
             PhysError::Timeout
@@ -623,17 +702,11 @@ impl PhysSmmu for PhysSmmuPort {
     }
 
     fn iidr(&self) -> u32 {
-        self.0
-            .driver
-            .mmio()
-            .read32(crate::smmu::v3::regs::off::IIDR)
+        self.0.iidr
     }
 
     fn aidr(&self) -> u32 {
-        self.0
-            .driver
-            .mmio()
-            .read32(crate::smmu::v3::regs::off::AIDR)
+        self.0.aidr
     }
 }
 
@@ -683,23 +756,33 @@ fn route_smmu_events() {
     let Some(host) = SMMU.get().and_then(Option::as_ref) else {
         return;
     };
-    let owners = SID_OWNERS.get();
-    host.driver.drain_events(|ev| {
-        let owner = owners.and_then(|o| o.iter().find(|(sid, _)| *sid == ev.sid));
-        match owner {
-            Some((_, v)) if !ev.s2 => {
-                v.inject_event(ev);
-            }
-            _ => {
-                let n = UNROUTED_EVENTS.fetch_add(1, Ordering::Relaxed);
-                if n < 8 {
-                    info!(
-                        "SMMU event not delivered to a guest (stage 2 or unowned stream): {ev:x?}"
-                    );
-                }
+    // A powered-off SMMU has no events: suspend drained them.
+    let _pin = match power::domain() {
+        Some(d) => match d.get_if_active() {
+            Some(pin) => Some(pin),
+            None => return,
+        },
+        None => None,
+    };
+    host.driver.drain_events(route_event);
+}
+
+/// Sends one physical event to the VM that owns its stream, or logs it.
+fn route_event(ev: crate::smmu::v3::event::Event) {
+    let owner = SID_OWNERS
+        .get()
+        .and_then(|o| o.iter().find(|(sid, _)| *sid == ev.sid));
+    match owner {
+        Some((_, v)) if !ev.s2 => {
+            v.inject_event(ev);
+        }
+        _ => {
+            let n = UNROUTED_EVENTS.fetch_add(1, Ordering::Relaxed);
+            if n < 8 {
+                info!("SMMU event not delivered to a guest (stage 2 or unowned stream): {ev:x?}");
             }
         }
-    });
+    }
 }
 
 fn create_vms(machine: &Machine, host_dtb: &[u8]) -> Vec<Vm> {
@@ -784,8 +867,13 @@ fn create_vm(
         ));
     }
     if let Some(h) = smmu {
-        // The SMMU walks this same table for the VM's streams: it must see every invalidation.
-        stage2.add_agent(Arc::new(SmmuV3Tlb::new(h.cmdq.clone(), vmid, h.ril, true)));
+        // The SMMU walks this same table for the VM's streams: it must see every invalidation
+        // (while it is powered: one that is off starts with empty TLBs).
+        let tlb = SmmuV3Tlb::new(h.cmdq.clone(), vmid, h.ril, true);
+        match power::domain() {
+            Some(d) => stage2.add_agent(Arc::new(PoweredTlb::new(tlb, d))),
+            None => stage2.add_agent(Arc::new(tlb)),
+        }
     }
     let stage2 = Arc::new(stage2);
 
@@ -811,6 +899,39 @@ fn create_vm(
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: emulated SMMU: {e}")));
         v
     });
+    // Activity sources: an active master holds the SMMU's power domain. Votes go through the
+    // emulated power controller; every other PCI function is active with Bus Master on in D0.
+    let sink = |what: &str, f: &crate::config::PciFunction| -> Arc<dyn ActivitySink> {
+        let label: &'static str = alloc::format!(
+            "{name}/{:02x}:{:02x}.{} ({what})",
+            f.bus,
+            f.device,
+            f.function
+        )
+        .leak();
+        match power::domain() {
+            Some(d) => Arc::new(power::SmmuLink::new(label, d)),
+            None => Arc::new(AlwaysPowered),
+        }
+    };
+    let power_ctrl = config.power_controller_ipa.map(|ipa| {
+        let domains = config
+            .power_votes
+            .iter()
+            .map(|f| PowerDomain {
+                name: "edu",
+                sink: sink("vote", f),
+            })
+            .collect();
+        let ctrl = Arc::new(
+            VirtPowerCtrl::new(domains)
+                .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: power controller: {e}"))),
+        );
+        mmio.register(ipa, POWER_CTRL_MMIO_SIZE, ctrl.clone())
+            .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: power controller: {e}")));
+        (ipa, ctrl)
+    });
+    let mut ecam_dev = None;
     if !config.pci.is_empty() {
         let Some(host) = machine.pcie.as_ref() else {
             fatal(format_args!(
@@ -841,8 +962,18 @@ fn create_vm(
         for bar in &placed {
             info!("VM {name:?}: PCI BAR {bar:x?}");
         }
-        mmio.register(host.ecam.base, window.size(), Arc::new(ecam))
+        for f in config
+            .pci
+            .iter()
+            .filter(|f| !config.power_votes.contains(f))
+        {
+            ecam.set_activity(f.bdf(), sink("bus master", f))
+                .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: PCI activity: {e}")));
+        }
+        let ecam = Arc::new(ecam);
+        mmio.register(host.ecam.base, window.size(), ecam.clone())
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: PCI config space: {e}")));
+        ecam_dev = Some(ecam);
     }
 
     let ram = config.memory[0];
@@ -863,6 +994,10 @@ fn create_vm(
         bootargs: config.bootargs.map(String::from),
         keep_pci: !config.pci.is_empty(),
         psci_method: "hvc",
+        power_controller: power_ctrl.as_ref().map(|(ipa, c)| dt::PowerCtrlNode {
+            ipa: *ipa,
+            domains: c.num_domains() as u32,
+        }),
     };
     let guest_dtb = dt::derive_guest(host_dtb, &spec)
         .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: guest device tree: {e}")));
@@ -914,6 +1049,8 @@ fn create_vm(
         console,
         stage2,
         vsmmu,
+        ecam: ecam_dev,
+        power_ctrl: power_ctrl.map(|(_, c)| c),
         s2regs,
         pcpus,
         dtb_ipa: ram.ipa,
@@ -990,7 +1127,10 @@ fn run_cpu(index: usize) -> ! {
     park()
 }
 
+/// A pCPU with nothing to run: sleeps, but still takes its interrupts (an autosuspend timer it
+/// armed for the SMMU).
 fn park() -> ! {
+    platform::irq_enable();
     loop {
         platform::wfi();
     }
@@ -1037,7 +1177,10 @@ fn wait_for_cpu_on(vm: &Vm, v: usize) -> Option<(u64, u64)> {
         if let Some(e) = vm.psci.take_pending_entry(v) {
             return Some(e);
         }
+        // Interrupts open while waiting: the autosuspend timer this CPU may have armed.
+        platform::irq_enable();
         sysreg::wfe();
+        platform::irq_disable();
     }
 }
 
@@ -1179,7 +1322,7 @@ fn inject_abort(
 fn psci_call(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
     let fid = regs.x[0] as u32;
     if let Some(call) = hyptest::decode(fid, regs.x[1], regs.x[2]) {
-        regs.x[0] = test_call(vm, call);
+        regs.x[0] = test_call(vm, call, regs);
         return Flow::Continue;
     }
     match vm
@@ -1202,12 +1345,23 @@ fn psci_call(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
 }
 
 /// The test hypercalls: unmap part of the VM's RAM from its live stage 2 (with TLB maintenance on
-/// every agent) or map it back to the same backing memory.
-fn test_call(vm: &Vm, call: HypTestCall) -> u64 {
+/// every agent), map it back to the same backing memory, or read the SMMU power counters (into
+/// x1..x3).
+fn test_call(vm: &Vm, call: HypTestCall, regs: &mut GuestRegs) -> u64 {
     if !vm.config.test_services {
         return hyptest::NOT_SUPPORTED;
     }
-    let (HypTestCall::Unmap { ipa, size } | HypTestCall::Map { ipa, size }) = call;
+    let (HypTestCall::Unmap { ipa, size } | HypTestCall::Map { ipa, size }) = call else {
+        return match power::stats().filter(|_| vm.vsmmu.is_some()) {
+            Some(s) => {
+                regs.x[1] = s.power_downs;
+                regs.x[2] = s.power_ups;
+                regs.x[3] = s.tlbi_skipped;
+                0
+            }
+            None => hyptest::NOT_SUPPORTED,
+        };
+    };
     let Some(pa) = hyptest::backing(vm.config.memory, ipa, size) else {
         return hyptest::INVALID_PARAMETERS;
     };
@@ -1222,6 +1376,7 @@ fn test_call(vm: &Vm, call: HypTestCall) -> u64 {
             .table
             .map(ipa, pa, size, Attrs::RWX)
             .map_err(|e| alloc::format!("{e}")),
+        HypTestCall::PowerStats => unreachable!("answered above"),
     };
     match result {
         Ok(()) => {
@@ -1238,11 +1393,28 @@ fn test_call(vm: &Vm, call: HypTestCall) -> u64 {
     }
 }
 
+/// A master's activity when the SMMU has no power domain: nothing to switch.
+struct AlwaysPowered;
+
+impl ActivitySink for AlwaysPowered {
+    fn set_active(&self, _active: bool) -> Result<(), crate::power::PowerError> {
+        Ok(())
+    }
+}
+
 /// Stops a VM (once), kicks its other vCPUs out of the guest, and ends the run after the last VM.
+/// Its devices stop too: bus mastering off, power votes dropped (so the SMMU may power down).
 fn stop_vm(vm: &Vm, reason: StopReason, detail: core::fmt::Arguments<'_>) {
     if !vm.state.stop(reason) {
         return;
     }
+    if let Some(e) = &vm.ecam {
+        e.quiesce();
+    }
+    if let Some(p) = &vm.power_ctrl {
+        p.quiesce();
+    }
+    power::schedule_autosuspend();
     if let Some(c) = &vm.console {
         c.flush();
     }
@@ -1294,6 +1466,7 @@ fn end_run(mut status: u32) -> ! {
     if let Some(h) = SMMU.get().and_then(Option::as_ref) {
         info!("SMMU command queue: {:?}", h.cmdq.stats());
     }
+    power::report();
     info!("all VMs stopped, exit status {status}");
     finish(status)
 }

@@ -141,6 +141,8 @@ mod tests {
             payload: &[],
             bootargs: None,
             test_services: false,
+            power_controller_ipa: None,
+            power_votes: &[],
         }
     }
 

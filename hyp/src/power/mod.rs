@@ -13,13 +13,18 @@
 //! - [`clock`]: one branch clock (CBCR enable with halt check).
 //! - [`config`]: what the board file says about a power domain.
 //! - [`rpm`]: runtime PM on top of those.
+//! - [`activity`]: what makes a master active (a guest's vote, PCI Bus Master in D0) and the link
+//!   that holds the SMMU's domain while it is.
+//! - [`tlb_gate`]: stage-2 TLB maintenance that skips a powered-off SMMU.
 
+pub mod activity;
 pub mod clock;
 pub mod config;
 pub mod gdsc;
 #[cfg(test)]
 pub(crate) mod model;
 pub mod rpm;
+pub mod tlb_gate;
 
 use alloc::sync::Arc;
 use core::fmt;
@@ -108,12 +113,21 @@ pub enum PowerError {
         /// What was awaited, e.g. `"power on"`, `"clock off"`.
         what: &'static str,
     },
+    /// The device behind `domain` (the SMMU) could not be quiesced or restored: `what`, e.g.
+    /// `"SMMU resume"`. Its own error was logged where it happened.
+    Device {
+        /// The domain.
+        domain: &'static str,
+        /// The step that failed.
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for PowerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Timeout { domain, what } => write!(f, "{domain}: timed out waiting for {what}"),
+            Self::Device { domain, what } => write!(f, "{domain}: {what} failed"),
         }
     }
 }

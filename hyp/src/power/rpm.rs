@@ -175,6 +175,8 @@ pub struct Stats {
     pub resume_last: u64,
     /// Longest `power_on`, in ticks.
     pub resume_max: u64,
+    /// Sum of the successful `power_on` durations, in ticks (mean = this / `power_ups`).
+    pub resume_total: u64,
 }
 
 /// Counters written on the slow path only (or when a TLBI is skipped), on their own cache line.
@@ -189,6 +191,7 @@ struct Counters {
     tlbi_skipped: AtomicU64,
     resume_last: AtomicU64,
     resume_max: AtomicU64,
+    resume_total: AtomicU64,
 }
 
 impl Counters {
@@ -203,6 +206,7 @@ impl Counters {
             tlbi_skipped: AtomicU64::new(0),
             resume_last: AtomicU64::new(0),
             resume_max: AtomicU64::new(0),
+            resume_total: AtomicU64::new(0),
         }
     }
 
@@ -309,6 +313,38 @@ impl<P: PowerOps> Domain<P> {
         Ok(PowerRef { domain: self })
     }
 
+    /// Takes a usage reference that is not tied to a borrow (an active master's, held across
+    /// traps), powering the domain on if needed; give it back with [`Domain::release`]. Prefer
+    /// [`Domain::get`] wherever the reference can live in a scope.
+    pub fn acquire(&self) -> Result<(), PowerError> {
+        core::mem::forget(self.get()?);
+        Ok(())
+    }
+
+    /// Gives back a reference taken with [`Domain::acquire`]. Each `release` must pair with one
+    /// successful `acquire`: an unpaired one would steal another holder's reference.
+    pub fn release(&self) {
+        self.put();
+    }
+
+    /// Pins the domain if it is active, without ever powering it up and without counting
+    /// anything: for work that only makes sense on a powered SMMU (draining its event queue,
+    /// a command sync) and has nothing to catch up on later. Waits while the domain is resuming,
+    /// like [`Domain::tlb_begin`], so that `None` means the domain was off (or going off) at a
+    /// point ordered after the caller's earlier writes — a later resume sees them.
+    pub fn get_if_active(&self) -> Option<PowerRef<'_, P>> {
+        let mut w = self.word.fetch_add(ONE, Ordering::AcqRel);
+        while State::of(w) == State::Resuming {
+            spin_loop();
+            w = self.word.load(Ordering::Acquire);
+        }
+        if State::of(w) == State::Active {
+            return Some(PowerRef { domain: self });
+        }
+        self.word.fetch_sub(ONE, Ordering::Release);
+        None
+    }
+
     /// Gives a reference back (what dropping a [`PowerRef`] does). One `fetch_sub`; the put that
     /// takes the count to 0 also records the time for autosuspend.
     fn put(&self) {
@@ -404,6 +440,7 @@ impl<P: PowerOps> Domain<P> {
                         let cost = t1.wrapping_sub(t0);
                         c.resume_last.store(cost, Ordering::Relaxed);
                         c.resume_max.fetch_max(cost, Ordering::Relaxed);
+                        c.resume_total.fetch_add(cost, Ordering::Relaxed);
                         let off = t0.wrapping_sub(c.off_since.load(Ordering::Relaxed));
                         c.off_ticks.fetch_add(off, Ordering::Relaxed);
                         Counters::bump(&c.power_ups);
@@ -489,6 +526,7 @@ impl<P: PowerOps> Domain<P> {
             tlbi_skipped: r(&c.tlbi_skipped),
             resume_last: r(&c.resume_last),
             resume_max: r(&c.resume_max),
+            resume_total: r(&c.resume_total),
         }
     }
 }

@@ -110,6 +110,7 @@ mod host {
         );
         assert_eq!(s.resume_last, 7);
         assert_eq!(s.resume_max, 7);
+        assert_eq!(s.resume_total, 14, "two power-ups of 7 ticks each");
         assert_eq!(s.power_on_errors, 0);
     }
 
@@ -162,6 +163,27 @@ mod host {
         let _r = d.get().unwrap();
         assert_eq!(d.tlb_begin().map(|g| g.epoch()), Some(1));
         assert_eq!(d.stats().tlbi_skipped, 4);
+    }
+
+    #[test]
+    fn acquire_release_and_get_if_active() {
+        let d = Domain::new(Ops::default(), 0, false);
+        assert!(d.get_if_active().is_none(), "off: nothing to pin");
+        assert_eq!(d.stats().tlbi_skipped, 0, "get_if_active counts nothing");
+        assert_eq!(d.state(), State::Suspended, "and never powers up");
+        d.acquire().unwrap();
+        assert_eq!((d.state(), d.usage()), (State::Active, 1));
+        assert!(!d.suspend(), "an acquired reference holds the domain on");
+        {
+            let _p = d.get_if_active().expect("active");
+            assert_eq!(d.usage(), 2);
+        }
+        d.release();
+        assert_eq!(d.usage(), 0);
+        assert!(d.suspend());
+        d.ops().fail_on.store(true, O::SeqCst);
+        assert!(d.acquire().is_err());
+        assert_eq!((d.state(), d.usage()), (State::Suspended, 0));
     }
 
     #[test]

@@ -15,6 +15,10 @@ use crate::config::MemRegion;
 pub const HYP_TEST_UNMAP: u32 = 0xc600_0001;
 /// Map `[x1, x1 + x2)` back to the VM's own RAM.
 pub const HYP_TEST_MAP: u32 = 0xc600_0002;
+/// Read the counters of the power domain of the SMMU in front of the VM's devices: returns
+/// x0 = 0, x1 = power-downs, x2 = power-ups, x3 = TLB invalidations skipped while off; x0 =
+/// [`NOT_SUPPORTED`] when the VM has no SMMU or it has no power domain.
+pub const HYP_TEST_POWER_STATS: u32 = 0xc600_0003;
 
 /// Returned when the VM is not allowed the test services.
 pub const NOT_SUPPORTED: u64 = -1i64 as u64;
@@ -26,6 +30,7 @@ pub const INVALID_PARAMETERS: u64 = -2i64 as u64;
 pub enum HypTestCall {
     Unmap { ipa: u64, size: u64 },
     Map { ipa: u64, size: u64 },
+    PowerStats,
 }
 
 /// Decodes `fid` with arguments x1, x2 if it is one of the test hypercalls.
@@ -33,6 +38,7 @@ pub fn decode(fid: u32, x1: u64, x2: u64) -> Option<HypTestCall> {
     match fid {
         HYP_TEST_UNMAP => Some(HypTestCall::Unmap { ipa: x1, size: x2 }),
         HYP_TEST_MAP => Some(HypTestCall::Map { ipa: x1, size: x2 }),
+        HYP_TEST_POWER_STATS => Some(HypTestCall::PowerStats),
         _ => None,
     }
 }
@@ -78,7 +84,11 @@ mod tests {
             Some(HypTestCall::Map { ipa: 3, size: 4 })
         );
         assert_eq!(decode(0x8400_0000, 0, 0), None);
-        assert_eq!(decode(0xc600_0003, 0, 0), None);
+        assert_eq!(
+            decode(HYP_TEST_POWER_STATS, 5, 6),
+            Some(HypTestCall::PowerStats)
+        );
+        assert_eq!(decode(0xc600_0004, 0, 0), None);
     }
 
     #[test]

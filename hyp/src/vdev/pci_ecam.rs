@@ -53,32 +53,69 @@
 //! | BAR0..5 | emulated, see above |
 //! | Expansion ROM, BIST, everything else in the header | dropped |
 //! | PCI Express capability | Device Control passes through except Initiate FLR (an FLR would clear the BARs the hypervisor placed) and Max Payload Size (the fabric's setting, kept at the hardware value); the RW1C bits of Device Status pass through; everything else is read-only |
+//! | Power Management capability | PMCSR PowerState (only transitions the spec allows to states the function supports; others keep the current state), Data_Select and PME_Status (RW1C) pass through; PME_En keeps its hardware value (PME messages go to the root port, which is the host's) |
 //! | other capabilities, extended configuration space | read-only |
 //!
 //! Bits the filter removes are written as 0 (every register forwarded above treats 0 in those
-//! bits as "no change": reserved, read-only or RW1C) or, for Max Payload Size, as the current
-//! hardware value. Bridges (type 1 headers) can never be assigned, so no guest ever reaches bus
-//! number registers, and a function's own header has none.
+//! bits as "no change": reserved, read-only or RW1C) or, for Max Payload Size and PME_En, as the
+//! current hardware value. Bridges (type 1 headers) can never be assigned, so no guest ever
+//! reaches bus number registers, and a function's own header has none.
 //!
 //! # Capabilities
 //!
 //! Guests get no MSI yet (the GIC ITS is not virtualised): the MSI and MSI-X capabilities are
 //! unlinked from the capability list (the previous capability's next pointer, or the header's
 //! capabilities pointer, skips them), read as 0, and their enables are off in hardware. Status
-//! bit 4 (capability list) reads as 0 when nothing visible is left. Guests use INTx.
+//! bit 4 (capability list) reads as 0 when nothing visible is left. Guests use INTx. The Power
+//! Management capability stays visible and its PMCSR is writable (see the filter above), so
+//! guests can put their functions into D3hot.
+//!
+//! A D3hot to D0 transition of a function whose PMCSR No_Soft_Reset bit is 0 resets it
+//! internally: BARs, Command and Device Control return to their defaults. The guest restores its
+//! own state afterwards, but its BAR writes never reach hardware, so the hypervisor puts the BARs
+//! (and Max Payload Size) back itself. It cannot do that at once: the function needs 10 ms before
+//! it answers configuration accesses again, a delay the guest observes before its next access.
+//! So the restore happens at the guest's next access to the function, before that access; until
+//! the BARs read back right, Memory Space Enable is filtered as before [`VirtEcam::assign_bars`].
+//!
+//! # Activity (SMMU power)
+//!
+//! The SMMU in front of the functions is powered only while some master behind it is active
+//! (`power::activity`). A function is *active* while Command.BME is set in hardware and it is
+//! in D0 (always, without a Power Management capability: then only BME counts). With a sink
+//! attached ([`VirtEcam::set_activity`]), every configuration write that changes that is
+//! reported once:
+//!
+//! * Turning active is reported **before** the write reaches hardware, so the SMMU is powered
+//!   before the function can issue its first request. If powering up fails, the function stays
+//!   inactive and bus mastering stays off in hardware: the write goes through without BME (a
+//!   D0 transition of a function with BME set clears BME first). The guest reads BME back as 0,
+//!   as from a function that cannot master, and can retry by setting it again. Letting the
+//!   device master with its SMMU unpowered is not an option: depending on the SoC its requests
+//!   would fault on the interconnect or hang it, none of which the guest could recover from.
+//! * Turning inactive (BME cleared, a lower-power D-state, [`VirtEcam::quiesce`]) is reported
+//!   **after** the write reached hardware, once the function can no longer start requests.
+//!   Requests already in flight are the sink's concern (runtime PM does not power down at once).
+//!
+//! Which state counts is what hardware holds: BME is read back after each Command write (a
+//! function that hardwires it to 0 never turns active for long), the D-state is the one last
+//! written (PMCSR is not read back: a function is not accessible for 10 ms after a D3hot
+//! transition).
 //!
 //! # Concurrency
 //!
-//! Each assigned function has its own lock (BAR sizing state and whether its BARs are mapped);
-//! accesses to different functions never contend, and unassigned functions take no lock. The
-//! [`BarMapper`] is called with the function's lock held, so the stage-2 map follows the
-//! hardware Command register in order; it must not access this device.
+//! Each assigned function has its own lock (BAR sizing state, whether its BARs are mapped, its
+//! activity); accesses to different functions never contend, and unassigned functions take no
+//! lock. The [`BarMapper`] and the [`ActivitySink`] are called with the function's lock held, so
+//! the stage-2 map and the reported activity follow the hardware registers in order, exactly once
+//! per transition; they must not access this device.
 //!
 //! # Not done
 //!
-//! FLR and other resets that clear BARs are not supported (FLR is filtered). Functions > 0 of a
-//! device are only found by most guests when function 0 is also assigned. SR-IOV, ATS and PRI
-//! capabilities are read-only, so a guest cannot enable them.
+//! FLR and other resets that clear BARs are not supported (FLR is filtered), except the soft
+//! reset of a D3hot -> D0 transition (see Capabilities). Functions > 0 of a device are only found
+//! by most guests when function 0 is also assigned. SR-IOV, ATS and PRI capabilities are
+//! read-only, so a guest cannot enable them.
 
 use core::fmt;
 
@@ -88,6 +125,7 @@ use alloc::vec::Vec;
 use spin::Mutex;
 
 use crate::config::PciFunction;
+use crate::power::activity::ActivitySink;
 use crate::trap::{MmioDevice, MmioError};
 
 /// The physical configuration space (the lead implements it with ECAM MMIO).
@@ -146,6 +184,8 @@ pub enum EcamError {
     Duplicate { bdf: u16 },
     /// No room left in the MEM32 window for this BAR.
     WindowFull { bdf: u16, bar: u8, size: u64 },
+    /// The function is not one of the VM's.
+    NotAssigned { bdf: u16 },
 }
 
 /// A BDF printed as `bb:dd.f`.
@@ -181,6 +221,9 @@ impl fmt::Display for EcamError {
                 "no room in the PCI MEM32 window for {} BAR{bar} ({size:#x} bytes)",
                 Bdf(bdf)
             ),
+            EcamError::NotAssigned { bdf } => {
+                write!(f, "PCI function {} is not assigned to this VM", Bdf(bdf))
+            }
         }
     }
 }
@@ -313,6 +356,7 @@ mod reg {
     pub const BAR_TYPE_64: u32 = 2 << 1;
     pub const BAR_PREFETCH: u32 = 1 << 3;
 
+    pub const CAP_ID_PM: u8 = 0x01;
     pub const CAP_ID_MSI: u8 = 0x05;
     pub const CAP_ID_PCIE: u8 = 0x10;
     pub const CAP_ID_MSIX: u8 = 0x11;
@@ -332,6 +376,24 @@ mod reg {
     pub const DEVCTL_FLR: u32 = 1 << 15;
     /// Device Status RW1C bits: correctable/non-fatal/fatal/unsupported request detected.
     pub const DEVSTA_W1C: u32 = 0xf;
+
+    /// Power Management capability (PCI PM 1.2): PMCSR, after the header and PMC.
+    pub const PM_PMCSR: u16 = 0x04;
+    /// PMC: D1 and D2 supported.
+    pub const PMC_D1: u16 = 1 << 9;
+    pub const PMC_D2: u16 = 1 << 10;
+    /// PMCSR: PowerState (D0 = 0, D1, D2, D3hot = 3).
+    pub const PMCSR_STATE: u32 = 3;
+    /// PMCSR: the function keeps its state on D3hot -> D0 (otherwise it resets internally).
+    pub const PMCSR_NO_SOFT_RESET: u32 = 1 << 3;
+    /// PMCSR: PME_En (kept at the hardware value).
+    pub const PMCSR_PME_EN: u32 = 1 << 8;
+    /// PMCSR: Data_Select.
+    pub const PMCSR_DATA_SELECT: u32 = 0xf << 9;
+    /// PMCSR: PME_Status (RW1C).
+    pub const PMCSR_PME_STATUS: u32 = 1 << 15;
+    pub const D0: u8 = 0;
+    pub const D3HOT: u8 = 3;
 }
 
 /// All ones in the low `size` bytes (1, 2 or 4).
@@ -389,6 +451,46 @@ struct FnState {
     sizing: [bool; 6],
     /// Whether the memory BARs are mapped into the VM (Command.MSE as last seen in hardware).
     mapped: bool,
+    /// Command.BME as last seen in hardware.
+    bme: bool,
+    /// PMCSR PowerState as last written (D0 without a PM capability).
+    power: u8,
+    /// Whether the function is active, as last reported to its sink (tracked without one too).
+    active: bool,
+    /// The function went through a soft reset (D3hot -> D0): its BARs must be restored before
+    /// anything else reaches it.
+    reset_pending: bool,
+}
+
+impl FnState {
+    /// Whether the function can master, from the hardware state.
+    fn can_master(&self) -> bool {
+        self.bme && self.power == reg::D0
+    }
+}
+
+/// A visible Power Management capability.
+#[derive(Clone, Copy, Debug)]
+struct PmCap {
+    /// Offset of PMCSR.
+    pmcsr: u16,
+    d1: bool,
+    d2: bool,
+    /// D3hot -> D0 keeps the function's state (no internal reset).
+    no_soft_reset: bool,
+}
+
+impl PmCap {
+    /// Whether a function in `from` can be put into `to` (PCI PM 1.2, 5.4): back to D0 always,
+    /// otherwise only deeper, and only into a state the function supports.
+    fn allows(&self, from: u8, to: u8) -> bool {
+        let supported = match to {
+            1 => self.d1,
+            2 => self.d2,
+            _ => true,
+        };
+        to == from || to == reg::D0 || (to > from && supported)
+    }
 }
 
 struct Function {
@@ -399,6 +501,12 @@ struct Function {
     caps: Vec<Cap>,
     /// Offset of the PCI Express capability, if visible.
     pcie: Option<u16>,
+    /// Device Control Max Payload Size as found (restored after a soft reset).
+    mps: u32,
+    /// The Power Management capability, if any.
+    pm: Option<PmCap>,
+    /// Told when the function turns active or inactive.
+    activity: Option<Arc<dyn ActivitySink>>,
     state: Mutex<FnState>,
 }
 
@@ -545,14 +653,41 @@ impl VirtEcam {
         Ok(placed)
     }
 
-    /// Stops every function of the VM (decoding and bus mastering off, BARs unmapped), e.g. when
-    /// the VM stops, so its devices cannot DMA any more.
+    /// Stops every function of the VM (decoding and bus mastering off, BARs unmapped, reported
+    /// inactive), e.g. when the VM stops, so its devices cannot DMA any more.
     pub fn quiesce(&self) {
         for f in &self.functions {
             let mut st = f.state.lock();
             self.phys.write(f.bdf, reg::COMMAND, 2, 0);
-            self.sync_mapping(f, &mut st);
+            self.sync_command(f, &mut st);
         }
+    }
+
+    /// Reports the activity of assigned function `bdf` to `sink` from now on (replacing any
+    /// sink set before). Call it before the VM runs: the function is then inactive (`new` turned
+    /// bus mastering off), so the sink's first call is the guest's first transition. Should the
+    /// function already be active, the sink is told so at once; if that fails, bus mastering is
+    /// turned off as for a failed power-up during a write.
+    pub fn set_activity(&mut self, bdf: u16, sink: Arc<dyn ActivitySink>) -> Result<(), EcamError> {
+        let i = self
+            .functions
+            .binary_search_by_key(&bdf, |f| f.bdf)
+            .map_err(|_| EcamError::NotAssigned { bdf })?;
+        let f = &mut self.functions[i];
+        f.activity = Some(sink);
+        let f = &self.functions[i];
+        let mut st = f.state.lock();
+        if st.active && !self.activate(f) {
+            self.bme_off(f, &mut st);
+            st.active = false;
+        }
+        Ok(())
+    }
+
+    /// Whether assigned function `bdf` is active (bus master in D0), `None` if it is not the
+    /// VM's.
+    pub fn is_active(&self, bdf: u16) -> Option<bool> {
+        self.function(bdf).map(|f| f.state.lock().active)
     }
 
     fn function(&self, bdf: u16) -> Option<&Function> {
@@ -560,6 +695,73 @@ impl VirtEcam {
             .binary_search_by_key(&bdf, |f| f.bdf)
             .ok()
             .map(|i| &self.functions[i])
+    }
+
+    /// Tells `f`'s sink it turned active; `false` if powering its SMMU failed. Without a sink
+    /// nothing can fail.
+    fn activate(&self, f: &Function) -> bool {
+        let Some(sink) = &f.activity else {
+            return true;
+        };
+        match sink.set_active(true) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "PCI {}: SMMU power-up failed, bus mastering stays off: {e}",
+                    Bdf(f.bdf)
+                );
+                false
+            }
+        }
+    }
+
+    /// Reports `f` inactive if it was active and can no longer master.
+    fn sync_activity(&self, f: &Function, st: &mut FnState) {
+        if st.active && !st.can_master() {
+            if let Some(Err(e)) = f.activity.as_ref().map(|s| s.set_active(false)) {
+                // Only turning active can fail; the function is inactive either way.
+                log::warn!("PCI {}: SMMU power-down: {e}", Bdf(f.bdf));
+            }
+            st.active = false;
+        }
+    }
+
+    /// Clears Command.BME in hardware, leaving the other Command bits as they are.
+    fn bme_off(&self, f: &Function, st: &mut FnState) {
+        let cmd = self.phys.read(f.bdf, reg::COMMAND, 2);
+        self.phys
+            .write(f.bdf, reg::COMMAND, 2, cmd & !reg::CMD_BUS_MASTER);
+        st.bme = false;
+    }
+
+    /// Puts back what a soft reset (D3hot -> D0 without No_Soft_Reset) cleared and the guest
+    /// cannot restore itself: the BAR addresses and Max Payload Size. Retried at every access
+    /// until the BARs read back right (the function may still have been recovering).
+    fn restore_after_reset(&self, f: &Function, st: &mut FnState) {
+        let mut ok = true;
+        let mut put = |off: u16, value: u32, expect: u32| {
+            self.phys.write(f.bdf, off, 4, value);
+            ok &= self.phys.read(f.bdf, off, 4) == expect;
+        };
+        for (i, bar) in f.bars.iter().enumerate() {
+            if !bar.is_mem() {
+                continue;
+            }
+            let off = reg::BAR0 + 4 * i as u16;
+            let lo = bar.pa as u32 & !0xf;
+            put(off, lo, lo | bar.flags);
+            if bar.kind == BarKind::Mem64 {
+                let hi = (bar.pa >> 32) as u32;
+                put(off + 4, hi, hi);
+            }
+        }
+        if let Some(pcie) = f.pcie {
+            let off = pcie + reg::PCIE_DEVCTL;
+            let devctl = self.phys.read(f.bdf, off, 2);
+            let devctl = (devctl & !(reg::DEVCTL_MPS | reg::DEVCTL_FLR)) | f.mps;
+            self.phys.write(f.bdf, off, 2, devctl);
+        }
+        st.reset_pending = !ok;
     }
 
     /// Decodes a window offset into `(bdf, register)`, checking size and alignment.
@@ -583,7 +785,10 @@ impl VirtEcam {
         };
         let dword = offset & !3;
         let shift = u32::from(offset & 3) * 8;
-        let st = f.state.lock();
+        let mut st = f.state.lock();
+        if st.reset_pending {
+            self.restore_after_reset(f, &mut st);
+        }
         (self.view(f, &st, dword) >> shift) & lane_mask(size)
     }
 
@@ -632,32 +837,38 @@ impl VirtEcam {
         let Some(f) = self.function(bdf) else {
             return;
         };
-        let dword = offset & !3;
-        let shift = u32::from(offset & 3) * 8;
-        let bytes = lane_mask(size) << shift;
-        let value = (value & lane_mask(size)) << shift;
+        let w = Lanes::new(offset, size);
+        let (dword, bytes) = (w.dword, w.bytes);
+        let value = (value & lane_mask(size)) << w.shift;
         let mut st = f.state.lock();
-        // Forwards the written bytes with only the `allowed` bits of the guest's value.
-        let forward = |allowed: u32, keep_from_hw: u32| {
-            let mut v = value & allowed;
-            if keep_from_hw & bytes != 0 {
-                v |= self.phys.read(f.bdf, dword, 4) & keep_from_hw;
-            }
-            self.phys.write(f.bdf, offset, size, (v & bytes) >> shift);
+        if st.reset_pending {
+            self.restore_after_reset(f, &mut st);
+        }
+        let forward = |value, allowed, keep_from_hw| {
+            self.forward(f, &w, value, allowed, keep_from_hw);
         };
         match dword {
             reg::COMMAND => {
                 let mut cmd = reg::CMD_GUEST;
-                if !f.bars_placed {
+                if !f.bars_placed || st.reset_pending {
                     cmd &= !reg::CMD_MEMORY;
                 }
-                forward(cmd | (reg::STATUS_W1C << 16), 0);
+                // Setting BME in D0 turns the function active: power its SMMU first.
+                let sets_bme = bytes & value & reg::CMD_BUS_MASTER != 0;
+                if sets_bme && st.power == reg::D0 && !st.active {
+                    if self.activate(f) {
+                        st.active = true;
+                    } else {
+                        cmd &= !reg::CMD_BUS_MASTER;
+                    }
+                }
+                forward(value, cmd | (reg::STATUS_W1C << 16), 0);
                 if bytes & 0xffff != 0 {
-                    self.sync_mapping(f, &mut st);
+                    self.sync_command(f, &mut st);
                 }
             }
-            reg::CACHE_LINE => forward(0xffff, 0),
-            reg::INTERRUPT_LINE => forward(0xff, 0),
+            reg::CACHE_LINE => forward(value, 0xffff, 0),
+            reg::INTERRUPT_LINE => forward(value, 0xff, 0),
             reg::BAR0..=reg::BAR5 => {
                 let i = usize::from((dword - reg::BAR0) / 4);
                 let new = (bar_view(f, &st, i) & !bytes) | value;
@@ -670,17 +881,85 @@ impl VirtEcam {
                 }
             }
             _ if f.pcie.map(|p| p + reg::PCIE_DEVCTL) == Some(dword) => forward(
+                value,
                 (!(reg::DEVCTL_MPS | reg::DEVCTL_FLR) & 0xffff) | (reg::DEVSTA_W1C << 16),
                 reg::DEVCTL_MPS,
             ),
+            _ if f.pm.is_some_and(|pm| pm.pmcsr == dword) => {
+                self.write_pmcsr(f, &mut st, &w, value);
+            }
             // The rest of the header, capabilities and extended space: read-only.
             _ => {}
         }
     }
 
-    /// Brings the stage-2 mapping of `f`'s BARs in line with Command.MSE in hardware.
-    fn sync_mapping(&self, f: &Function, st: &mut FnState) {
-        let mse = self.phys.read(f.bdf, reg::COMMAND, 2) & reg::CMD_MEMORY != 0;
+    /// Writes the written bytes of `w` to hardware: the `allowed` bits of `value` (the guest's,
+    /// in its lanes of the dword), and the `keep_from_hw` bits as hardware has them.
+    fn forward(&self, f: &Function, w: &Lanes, value: u32, allowed: u32, keep_from_hw: u32) {
+        let mut v = value & allowed;
+        if keep_from_hw & w.bytes != 0 {
+            v |= self.phys.read(f.bdf, w.dword, 4) & keep_from_hw;
+        }
+        self.phys
+            .write(f.bdf, w.offset, w.size, (v & w.bytes) >> w.shift);
+    }
+
+    /// A guest write to the PMCSR dword of `f` (`value` in its lanes): D-state changes, and the
+    /// activity and soft-reset bookkeeping that comes with them.
+    fn write_pmcsr(&self, f: &Function, st: &mut FnState, w: &Lanes, value: u32) {
+        let Some(pm) = f.pm else {
+            return;
+        };
+        let from = st.power;
+        let mut to = from;
+        if w.bytes & reg::PMCSR_STATE != 0 {
+            let asked = (value & reg::PMCSR_STATE) as u8;
+            if pm.allows(from, asked) {
+                to = asked;
+            }
+        }
+        // A refused state is written as the current one: no transition, and the state we
+        // believe the function is in stays the one it has.
+        let value = (value & !reg::PMCSR_STATE) | u32::from(to);
+        let soft_reset = from == reg::D3HOT && to == reg::D0 && !pm.no_soft_reset;
+        // Back to D0 with BME kept: active again, so power the SMMU first; if that fails, bus
+        // mastering goes off before the function can use it.
+        if to == reg::D0 && st.bme && !soft_reset && !st.active {
+            if self.activate(f) {
+                st.active = true;
+            } else {
+                self.bme_off(f, st);
+            }
+        }
+        self.forward(
+            f,
+            w,
+            value,
+            reg::PMCSR_STATE | reg::PMCSR_DATA_SELECT | reg::PMCSR_PME_STATUS,
+            reg::PMCSR_PME_EN,
+        );
+        st.power = to;
+        if soft_reset {
+            // Command is 0 now. The function must not be accessed for 10 ms, so nothing is read
+            // back: its BARs are restored at the guest's next access (which comes after that).
+            st.bme = false;
+            st.reset_pending = true;
+            self.set_mapped(f, st, false);
+        }
+        self.sync_activity(f, st);
+    }
+
+    /// Brings the stage-2 mapping of `f`'s BARs and its activity in line with the Command
+    /// register in hardware (MSE and BME).
+    fn sync_command(&self, f: &Function, st: &mut FnState) {
+        let cmd = self.phys.read(f.bdf, reg::COMMAND, 2);
+        self.set_mapped(f, st, cmd & reg::CMD_MEMORY != 0);
+        st.bme = cmd & reg::CMD_BUS_MASTER != 0;
+        self.sync_activity(f, st);
+    }
+
+    /// Maps or unmaps `f`'s memory BARs in stage 2, as memory decoding is now on or off.
+    fn set_mapped(&self, f: &Function, st: &mut FnState, mse: bool) {
         if mse == st.mapped {
             return;
         }
@@ -695,6 +974,31 @@ impl VirtEcam {
             }
         }
         st.mapped = mse;
+    }
+}
+
+/// Where a configuration access falls in its dword.
+struct Lanes {
+    offset: u16,
+    size: u8,
+    /// The aligned dword holding it.
+    dword: u16,
+    /// Bit position of its first byte in the dword.
+    shift: u32,
+    /// The bits of the dword it covers.
+    bytes: u32,
+}
+
+impl Lanes {
+    fn new(offset: u16, size: u8) -> Self {
+        let shift = u32::from(offset & 3) * 8;
+        Lanes {
+            offset,
+            size,
+            dword: offset & !3,
+            shift,
+            bytes: lane_mask(size) << shift,
+        }
     }
 }
 
@@ -776,6 +1080,8 @@ fn probe(phys: &dyn ConfigSpace, bdf: u16) -> Function {
     }
 
     let mut caps = Vec::new();
+    let mut pm = None;
+    let mut power = reg::D0;
     if (phys.read(bdf, reg::STATUS, 2) & reg::STATUS_CAP_LIST) != 0 {
         let mut ptr = phys.read(bdf, reg::CAP_PTR, 1) as u8 & 0xfc;
         // At most 48 capabilities fit in 0x40..0x100; the bound also stops a looping list.
@@ -809,6 +1115,18 @@ fn probe(phys: &dyn ConfigSpace, bdf: u16) -> Function {
                     );
                     (true, reg::MSIX_LEN)
                 }
+                reg::CAP_ID_PM if pm.is_none() => {
+                    let pmcsr = u16::from(ptr) + reg::PM_PMCSR;
+                    let csr = phys.read(bdf, pmcsr, 2);
+                    pm = Some(PmCap {
+                        pmcsr,
+                        d1: ctrl & reg::PMC_D1 != 0,
+                        d2: ctrl & reg::PMC_D2 != 0,
+                        no_soft_reset: csr & reg::PMCSR_NO_SOFT_RESET != 0,
+                    });
+                    power = (csr & reg::PMCSR_STATE) as u8;
+                    (false, 0)
+                }
                 _ => (false, 0),
             };
             caps.push(Cap {
@@ -824,6 +1142,9 @@ fn probe(phys: &dyn ConfigSpace, bdf: u16) -> Function {
         .iter()
         .find(|c| c.id == reg::CAP_ID_PCIE && !c.hidden)
         .map(|c| u16::from(c.offset));
+    let mps = pcie.map_or(0, |p| {
+        phys.read(bdf, p + reg::PCIE_DEVCTL, 2) & reg::DEVCTL_MPS
+    });
 
     Function {
         bdf,
@@ -831,9 +1152,16 @@ fn probe(phys: &dyn ConfigSpace, bdf: u16) -> Function {
         bars_placed: false,
         caps,
         pcie,
+        mps,
+        pm,
+        activity: None,
         state: Mutex::new(FnState {
             sizing: [false; 6],
             mapped: false,
+            bme: false,
+            power,
+            active: false,
+            reset_pending: false,
         }),
     }
 }
@@ -860,8 +1188,10 @@ mod tests {
     extern crate std;
 
     use super::*;
+    use crate::power::PowerError;
     use alloc::collections::BTreeMap;
     use alloc::vec;
+    use core::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex as StdMutex;
 
     /// One fake function: config bytes, which bits are writable and which are RW1C.
@@ -1504,9 +1834,9 @@ mod tests {
         wr(&e, EDU, 0x40, 4, 0x0001_0000);
         wr(&e, EDU, 0x82, 2, 0x8000);
         wr(&e, EDU, 0x44, 4, 0x1234_5678);
-        // Other capability registers, Link Control: read-only.
+        // Other capability registers, Link Control, PM capabilities (PMC): read-only.
         wr(&e, EDU, 0x60, 2, 0x0fff);
-        wr(&e, EDU, 0x94, 4, 0xffff_ffff);
+        wr(&e, EDU, 0x90, 4, 0xffff_ffff);
         assert!(phys.writes_to(EDU).is_empty());
         assert_eq!(phys.hw(EDU, 0x42, 2) & 1, 0);
         assert_eq!(phys.hw(EDU, 0x44, 4), 0x0809_0040);
@@ -1610,6 +1940,281 @@ mod tests {
             Err(MmioError::BadOffset { offset: 1 << 20 })
         );
         let _ = vec![0u8];
+    }
+
+    /// What a sink saw at one call: (active, BME in hardware, PowerState in hardware). Reading
+    /// hardware at the call shows whether it came before or after the write.
+    type Seen = (bool, bool, u32);
+
+    /// Records every `set_active` call; fails power-ups while `fail` is set.
+    struct Sink {
+        phys: Arc<FakeConfig>,
+        bdf: u16,
+        pmcsr: usize,
+        calls: StdMutex<Vec<Seen>>,
+        fail: AtomicBool,
+    }
+
+    impl Sink {
+        fn new(phys: &Arc<FakeConfig>, bdf: u16) -> Arc<Self> {
+            Arc::new(Sink {
+                phys: phys.clone(),
+                bdf,
+                pmcsr: 0x94,
+                calls: StdMutex::new(Vec::new()),
+                fail: AtomicBool::new(false),
+            })
+        }
+
+        fn take(&self) -> Vec<Seen> {
+            core::mem::take(&mut *self.calls.lock().unwrap())
+        }
+
+        /// Only the `active` values of the calls so far.
+        fn take_states(&self) -> Vec<bool> {
+            self.take().into_iter().map(|c| c.0).collect()
+        }
+    }
+
+    impl ActivitySink for Sink {
+        fn set_active(&self, active: bool) -> Result<(), PowerError> {
+            let bme = self.phys.hw(self.bdf, 0x04, 2) & 4 != 0;
+            let state = self.phys.hw(self.bdf, self.pmcsr, 2) & 3;
+            self.calls.lock().unwrap().push((active, bme, state));
+            if active && self.fail.load(Ordering::Relaxed) {
+                return Err(PowerError::Timeout {
+                    domain: "smmu",
+                    what: "power on",
+                });
+            }
+            Ok(())
+        }
+    }
+
+    /// edu with a writable PMCSR (PowerState, PME_En, Data_Select, PME_Status RW1C), keeping its
+    /// state across D3hot -> D0 or not.
+    fn edu_pm(no_soft_reset: bool) -> FakeFn {
+        let mut f = edu();
+        f.wmask(0x94, 2, 0x1f03);
+        f.w1c(0x94, 2, 0x8000);
+        if no_soft_reset {
+            f.set(0x94, 2, 0x0008);
+        }
+        f
+    }
+
+    /// A VM with edu (PM as `edu_pm`) and nvme, BARs placed, a sink on each.
+    fn pm_vm(
+        no_soft_reset: bool,
+    ) -> (Arc<FakeConfig>, VirtEcam, Arc<Mapper>, Arc<Sink>, Arc<Sink>) {
+        let phys = machine();
+        phys.with(EDU, edu_pm(no_soft_reset));
+        let (mut e, mapper) = vm(&phys);
+        e.assign_bars(MEM32).unwrap();
+        let (edu, nvme) = (Sink::new(&phys, EDU), Sink::new(&phys, NVME));
+        e.set_activity(EDU, edu.clone()).unwrap();
+        e.set_activity(NVME, nvme.clone()).unwrap();
+        mapper.take();
+        (phys, e, mapper, edu, nvme)
+    }
+
+    const PMCSR: u16 = 0x94;
+
+    #[test]
+    fn activity_follows_bus_master_enable() {
+        let (phys, e, mapper, sink, nvme) = pm_vm(false);
+        assert_eq!(e.is_active(EDU), Some(false));
+        assert_eq!(e.is_active(OTHER), None);
+        // BME on: reported before hardware has it.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        assert_eq!(sink.take(), [(true, false, 0)]);
+        assert_eq!(phys.hw(EDU, 0x04, 2), 0x0006);
+        assert_eq!(e.is_active(EDU), Some(true));
+        assert_eq!(mapper.take().len(), 1);
+        // The same value again, the high byte, the status half, MSE off: no transition.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        wr(&e, EDU, 0x05, 1, 0x04);
+        wr(&e, EDU, reg::STATUS, 2, 0xffff);
+        wr(&e, EDU, 0x04, 1, 0x04);
+        assert!(sink.take().is_empty());
+        assert_eq!(phys.hw(EDU, 0x04, 2), 0x0404);
+        // A byte write clearing BME: reported after hardware dropped it.
+        wr(&e, EDU, 0x04, 1, 0x02);
+        assert_eq!(sink.take(), [(false, false, 0)]);
+        wr(&e, EDU, 0x04, 1, 0x00);
+        assert!(sink.take().is_empty());
+        // Dword writes (command + status) work the same.
+        wr(&e, EDU, reg::COMMAND, 4, 0xffff_0004);
+        wr(&e, EDU, reg::COMMAND, 4, 0x0000_0004);
+        wr(&e, EDU, reg::COMMAND, 4, 0);
+        assert_eq!(sink.take_states(), [true, false]);
+        // No PM capability (nvme): BME alone decides.
+        wr(&e, NVME, reg::COMMAND, 2, 0x0004);
+        assert_eq!(nvme.take_states(), [true]);
+        wr(&e, NVME, reg::COMMAND, 2, 0x0004);
+        assert!(nvme.take().is_empty());
+        // Quiesce reports every active function inactive, once.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        sink.take();
+        e.quiesce();
+        assert_eq!(sink.take(), [(false, false, 0)]);
+        assert_eq!(nvme.take(), [(false, false, 0)]);
+        assert_eq!(
+            (e.is_active(EDU), e.is_active(NVME)),
+            (Some(false), Some(false))
+        );
+        e.quiesce();
+        assert!(sink.take().is_empty() && nvme.take().is_empty());
+    }
+
+    #[test]
+    fn activity_follows_d_state() {
+        let (phys, e, _mapper, sink, _) = pm_vm(true);
+        // The PM capability stays visible.
+        assert!(guest_caps(&e, EDU).contains(&(0x90, 0x01)));
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        assert_eq!(sink.take_states(), [true]);
+        // D3hot with BME on: inactive, after the function got there. BME stays set.
+        wr(&e, EDU, PMCSR, 2, 0x0003);
+        assert_eq!(sink.take(), [(false, true, 3)]);
+        assert_eq!(phys.hw(EDU, 0x94, 2), 0x000b);
+        assert_eq!(rd(&e, EDU, PMCSR, 2) & 3, 3);
+        assert_eq!(e.is_active(EDU), Some(false));
+        // Again, the BME rewritten, the other PMCSR byte: nothing.
+        wr(&e, EDU, PMCSR, 2, 0x0003);
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        wr(&e, EDU, PMCSR + 1, 1, 0x00);
+        assert!(sink.take().is_empty());
+        // D1 is unsupported and not reachable from D3hot: refused, the state stays.
+        wr(&e, EDU, PMCSR, 1, 0x01);
+        assert_eq!(phys.hw(EDU, 0x94, 1) & 3, 3);
+        assert!(sink.take().is_empty());
+        // Back to D0 (no soft reset, BME kept): active, before the function left D3hot.
+        wr(&e, EDU, PMCSR, 2, 0x0000);
+        assert_eq!(sink.take(), [(true, true, 3)]);
+        assert_eq!(phys.hw(EDU, 0x94, 1) & 3, 0);
+        assert_eq!(e.is_active(EDU), Some(true));
+        // D3hot with BME off, then BME on in D3hot, then D0: one transition, at D0.
+        wr(&e, EDU, 0x04, 1, 0x02);
+        wr(&e, EDU, PMCSR, 4, 0x0000_0003);
+        wr(&e, EDU, 0x04, 1, 0x06);
+        assert_eq!(sink.take_states(), [false]);
+        wr(&e, EDU, PMCSR, 4, 0xffff_0000);
+        assert_eq!(sink.take_states(), [true]);
+        // PME_En keeps its hardware value; PME_Status is cleared by writing 1; Data_Select
+        // passes.
+        phys.fns.lock().unwrap().get_mut(&EDU).unwrap().cfg[0x95] = 0x81;
+        wr(&e, EDU, PMCSR, 2, 0x8200);
+        assert_eq!(phys.hw(EDU, 0x94, 2), 0x0308);
+        wr(&e, EDU, PMCSR, 2, 0x0000);
+        assert_eq!(phys.hw(EDU, 0x94, 2), 0x0108);
+        assert!(sink.take().is_empty());
+        e.quiesce();
+        assert_eq!(sink.take_states(), [false]);
+    }
+
+    #[test]
+    fn soft_reset_restores_bars() {
+        let (phys, e, mapper, sink, _) = pm_vm(false);
+        let bar0 = rd(&e, EDU, 0x10, 4);
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        assert_eq!(mapper.take().len(), 1);
+        assert_eq!(sink.take_states(), [true]);
+        wr(&e, EDU, PMCSR, 2, 0x0003);
+        wr(&e, EDU, PMCSR, 2, 0x0000);
+        // Inactive in D3hot. D3hot -> D0 resets the function: BME is gone, so it stays
+        // inactive; MSE too, so the BARs are unmapped.
+        assert_eq!(sink.take_states(), [false]);
+        assert!(matches!(mapper.take()[..], [MapEvent::Unmap(EDU, 0, _, _)]));
+        assert_eq!(e.is_active(EDU), Some(false));
+        // What the function's reset does (the fake does not model it).
+        {
+            let mut fns = phys.fns.lock().unwrap();
+            let f = fns.get_mut(&EDU).unwrap();
+            f.set(0x04, 2, 0);
+            f.set(0x10, 4, 0);
+            f.set(0x58, 2, 0x2810);
+        }
+        phys.clear_log();
+        // Its BAR does not take the write yet: MSE stays filtered.
+        let wmask = phys.fns.lock().unwrap()[&EDU].wmask;
+        phys.fns.lock().unwrap().get_mut(&EDU).unwrap().wmask[0x10..0x14].fill(0);
+        wr(&e, EDU, reg::COMMAND, 2, 0x0002);
+        assert_eq!(phys.hw(EDU, 0x04, 2), 0);
+        assert!(mapper.take().is_empty());
+        // Next access: the BAR and Max Payload Size are restored before anything else.
+        phys.fns.lock().unwrap().get_mut(&EDU).unwrap().wmask = wmask;
+        phys.clear_log();
+        assert_eq!(rd(&e, EDU, 0x10, 4), bar0);
+        assert_eq!(phys.hw(EDU, 0x10, 4), bar0);
+        assert_eq!(phys.hw(EDU, 0x58, 2), 0x2830);
+        let log = phys.writes_to(EDU);
+        assert_eq!(log[0], (EDU, 0x10, 4, bar0));
+        // Only once.
+        phys.clear_log();
+        rd(&e, EDU, 0, 4);
+        assert!(phys.writes_to(EDU).is_empty());
+        // The guest turns it back on.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        assert_eq!(sink.take_states(), [true]);
+        assert!(matches!(mapper.take()[..], [MapEvent::Map(EDU, 0, _, _)]));
+    }
+
+    #[test]
+    fn failed_power_up_keeps_bus_mastering_off() {
+        let (phys, e, _mapper, sink, _) = pm_vm(true);
+        sink.fail.store(true, Ordering::Relaxed);
+        // MSE gets through, BME does not.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        assert_eq!(sink.take(), [(true, false, 0)]);
+        assert_eq!(phys.hw(EDU, 0x04, 2), 0x0002);
+        assert_eq!(rd(&e, EDU, reg::COMMAND, 2), 0x0002);
+        assert_eq!(e.is_active(EDU), Some(false));
+        // Clearing it is no transition; setting it again is a new attempt, which works now.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0002);
+        assert!(sink.take().is_empty());
+        sink.fail.store(false, Ordering::Relaxed);
+        wr(&e, EDU, reg::COMMAND, 2, 0x0006);
+        assert_eq!(sink.take_states(), [true]);
+        assert_eq!(phys.hw(EDU, 0x04, 2), 0x0006);
+
+        // Failing on the way back to D0: BME goes off before the function is in D0.
+        wr(&e, EDU, PMCSR, 2, 0x0003);
+        sink.fail.store(true, Ordering::Relaxed);
+        wr(&e, EDU, PMCSR, 2, 0x0000);
+        assert_eq!(sink.take(), [(false, true, 3), (true, true, 3)]);
+        assert_eq!(phys.hw(EDU, 0x04, 2), 0x0002);
+        assert_eq!(phys.hw(EDU, 0x94, 1) & 3, 0);
+        assert_eq!(e.is_active(EDU), Some(false));
+        e.quiesce();
+        assert!(sink.take().is_empty());
+    }
+
+    #[test]
+    fn set_activity_checks_and_catches_up() {
+        let phys = machine();
+        let (mut e, _) = vm(&phys);
+        let sink = Sink::new(&phys, EDU);
+        assert_eq!(
+            e.set_activity(OTHER, sink.clone()),
+            Err(EcamError::NotAssigned { bdf: OTHER })
+        );
+        assert!(
+            EcamError::NotAssigned { bdf: OTHER }
+                .to_string()
+                .contains("00:04.0")
+        );
+        // Active before a sink is attached: the sink hears it at once.
+        wr(&e, EDU, reg::COMMAND, 2, 0x0004);
+        e.set_activity(EDU, sink.clone()).unwrap();
+        assert_eq!(sink.take_states(), [true]);
+        // A replacement that fails to power up: bus mastering goes off.
+        let failing = Sink::new(&phys, EDU);
+        failing.fail.store(true, Ordering::Relaxed);
+        e.set_activity(EDU, failing.clone()).unwrap();
+        assert_eq!(failing.take_states(), [true]);
+        assert_eq!(phys.hw(EDU, 0x04, 2) & 4, 0);
+        assert_eq!(e.is_active(EDU), Some(false));
     }
 
     #[test]

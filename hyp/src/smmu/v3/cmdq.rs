@@ -201,6 +201,8 @@ pub enum CmdqError {
     /// An owner timed out before publishing its batch: some commands will never reach the SMMU,
     /// so the queue refuses all further work.
     Broken,
+    /// [`CmdQueue::resync`] found commands being issued: the queue is not idle.
+    Busy,
 }
 
 impl fmt::Display for CmdqError {
@@ -223,6 +225,7 @@ impl fmt::Display for CmdqError {
             }
             CmdqError::Timeout => f.write_str("timed out waiting for the command queue"),
             CmdqError::Broken => f.write_str("command queue broken by an earlier timeout"),
+            CmdqError::Busy => f.write_str("command queue busy (commands being issued)"),
         }
     }
 }
@@ -656,6 +659,46 @@ impl CmdQueue {
         })
     }
 
+    /// Lets the queue go on after the SMMU's command-queue registers were programmed again
+    /// (its power domain was off, or the driver re-enabled it): every published command counts
+    /// as consumed, and the return value is the PROD/CONS value (index + wrap bit) at which the
+    /// caller must program both CMDQ_PROD and CMDQ_CONS before it sets CMDQEN. The counts then
+    /// continue where they were — the next command goes to the very next slot, and a waiter's
+    /// view of CONS stays exact (module docs: "Reading CONS without knowing its lap").
+    ///
+    /// Commands published but not consumed by then (an SMMU that stopped before it lost power)
+    /// are dropped; the caller is expected to issue whatever supersedes them (the driver's
+    /// resume issues `CMD_CFGI_ALL` and `CMD_TLBI_*_ALL`). No waiter can be left behind for
+    /// them: the queue must be idle.
+    ///
+    /// # Errors
+    ///
+    /// [`CmdqError::Busy`] when an `issue` is in progress (a batch is owned, or published only
+    /// partly); [`CmdqError::Broken`] after an owner gave up. Nothing changes then.
+    ///
+    /// # Safety
+    ///
+    /// - No `issue` runs concurrently (checked as far as the shared state shows, see Errors):
+    ///   otherwise a CPU could reserve a slot counted as consumed here, and the SMMU could read
+    ///   it half written.
+    /// - The SMMU does not read the queue (CMDQEN clear, acknowledged) from before this call
+    ///   until the caller wrote the returned value to CMDQ_PROD and CMDQ_CONS: the slots below it
+    ///   are rewritten by the next issues.
+    pub unsafe fn resync(&self) -> Result<u32, CmdqError> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(CmdqError::Broken);
+        }
+        // Acquire: pairs with the owner's release of `owner_prod`, so the PROD write of the
+        // last batch is ordered before the caller's register writes.
+        let p = self.prod.load(Ordering::Acquire);
+        if p & OWNED != 0 || self.owner_prod.load(Ordering::Acquire) != p {
+            return Err(CmdqError::Busy);
+        }
+        // Release: pairs with the acquire loads of `cons` in `reserve` and `read_cons`.
+        self.cons.fetch_max(p, Ordering::AcqRel);
+        Ok(self.hw_value(p))
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> CmdqStats {
         let s = &self.stats;
@@ -690,6 +733,7 @@ fn tlb_error(e: CmdqError) -> TlbError {
             CmdqError::Command { .. } => "the SMMU stopped at a command (CONS.ERR)",
             CmdqError::Timeout => "timed out waiting for the SMMU",
             CmdqError::Broken => "command queue broken by an earlier timeout",
+            CmdqError::Busy => "command queue busy",
         },
     }
 }
@@ -1311,6 +1355,90 @@ mod tests {
                 tlbi_s2_ipa(3, 0x8000_0000, true, 3, Some((2, 0))),
                 cmd_sync(SYNC_CS_NONE)
             ]
+        );
+    }
+
+    /// What the driver's resume does to the model SMMU after a power loss: CMDQ_PROD and
+    /// CMDQ_CONS written with `pos` (CONS.ERR cleared).
+    fn reprogram(hw: &ModelHw, pos: u32) {
+        let mut st = hw.st.lock().unwrap();
+        st.cons = pos;
+        st.err = 0;
+        hw.cons.store(pos, Ordering::Release);
+        hw.prod.store(pos, Ordering::Release);
+    }
+
+    /// After a power loss the counts go on: the next command takes the next slot, nothing runs
+    /// twice, and commands the SMMU never consumed are dropped.
+    #[test]
+    fn resync_continues_where_the_queue_stopped() {
+        let h = harness(2, Mode::Inline); // 4 entries
+        h.q.issue(&[cmd(0, 0), cmd(0, 1)], true).unwrap();
+        // SAFETY: nothing issues; the model is "off" until `reprogram`.
+        assert_eq!(unsafe { h.q.resync() }, Ok(3));
+        reprogram(&h.hw, 0); // registers lost...
+        reprogram(&h.hw, 3); // ...and programmed again
+        h.q.issue(&[cmd(0, 2)], true).unwrap();
+        // Slots 3 and 4 (index 0, wrap bit set: 5).
+        assert_eq!(h.hw.prod_writes(), vec![3, 5]);
+        // The SMMU stops (as if the power went while it had work): the command is published,
+        // never consumed.
+        h.hw.limit.store(h.hw.log_len(), Ordering::SeqCst);
+        h.q.issue(&[cmd(0, 3)], false).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { h.q.resync() }, Ok(6));
+        reprogram(&h.hw, 6);
+        h.hw.limit.store(usize::MAX, Ordering::SeqCst);
+        // Many more laps, from the new position; the syncs see the right CONS.
+        for i in 4..40 {
+            h.q.issue(&[cmd(0, i)], i % 2 == 0).unwrap();
+        }
+        h.q.issue(&[], true).unwrap();
+        let sync = cmd_sync(SYNC_CS_NONE);
+        let log = h.hw.log();
+        assert_eq!(
+            log[..6],
+            [cmd(0, 0), cmd(0, 1), sync, cmd(0, 2), sync, cmd(0, 4)]
+        );
+        assert!(!log.contains(&cmd(0, 3)), "dropped, not executed late");
+        assert_eq!(log.iter().filter(|c| decode(**c).is_some()).count(), 39);
+        let st = h.q.stats();
+        assert_eq!(st.batches, st.owned);
+    }
+
+    /// `resync` refuses a queue in the middle of an issue, or a broken one, and changes nothing.
+    #[test]
+    fn resync_needs_an_idle_queue() {
+        let h = harness_with(4, Mode::Inline, opts(10_000));
+        h.q.issue(&[cmd(0, 0)], true).unwrap();
+        h.hw.block.store(true, Ordering::SeqCst);
+        thread::scope(|s| {
+            let a = s.spawn(|| h.q.issue(&[cmd(0, 1)], false));
+            until(|| h.hw.in_write.load(Ordering::SeqCst) == 1);
+            // SAFETY: the queue refuses (the owner has not finished publishing); nothing is
+            // changed.
+            assert_eq!(unsafe { h.q.resync() }, Err(CmdqError::Busy));
+            h.hw.block.store(false, Ordering::SeqCst);
+            a.join().unwrap().unwrap();
+        });
+        // SAFETY: idle now; the model keeps its registers, which already say 3.
+        assert_eq!(unsafe { h.q.resync() }, Ok(3));
+        h.q.issue(&[], true).unwrap();
+        assert_eq!(h.hw.log_len(), 4);
+        // A broken queue stays broken.
+        h.hw.block.store(true, Ordering::SeqCst);
+        thread::scope(|s| {
+            let a = s.spawn(|| h.q.issue(&[cmd(0, 2)], false));
+            until(|| h.hw.in_write.load(Ordering::SeqCst) == 1);
+            assert_eq!(h.q.issue(&[cmd(1, 0)], false), Err(CmdqError::Timeout));
+            h.hw.block.store(false, Ordering::SeqCst);
+            a.join().unwrap().unwrap();
+        });
+        // SAFETY: refused.
+        assert_eq!(unsafe { h.q.resync() }, Err(CmdqError::Broken));
+        assert_eq!(
+            CmdqError::Busy.to_string(),
+            "command queue busy (commands being issued)"
         );
     }
 

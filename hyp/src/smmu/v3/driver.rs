@@ -45,6 +45,25 @@
 //! [`SmmuV3::reset`] sets GBPA to abort before it disables the SMMU, so from then on no DMA
 //! bypasses translation (before it, whatever firmware set applies: QEMU resets GBPA to bypass).
 //!
+//! ## Power
+//!
+//! Runtime PM ([`crate::power::rpm`]) turns the SMMU's power domain off when nobody uses it. The
+//! registers lose their state then; the stream table, the queues and the driver's own state live
+//! in hypervisor RAM and survive. So the driver's memory *is* the saved state, and nothing needs
+//! copying out:
+//!
+//! * [`SmmuV3::suspend`] quiesces: the command queue drained (CONS = PROD), translation off
+//!   (GBPA = abort first, so no DMA bypasses), every event handed to the caller, then CR0 = 0.
+//! * [`SmmuV3::write_ste_offline`] changes an STE while the SMMU is off: memory only, no command
+//!   and no register access.
+//! * [`SmmuV3::resume`] programs the registers again as [`SmmuV3::reset`] does, but continues the
+//!   queues where they stopped (the lock-free [`CmdQueue`]'s counters go on seamlessly, see
+//!   [`CmdQueue::resync`]) and keeps the stream table: `CMD_CFGI_ALL` makes the SMMU fetch every
+//!   STE again, `CMD_TLBI_*_ALL` empties its TLBs. It is valid whether or not the registers
+//!   were lost.
+//! * [`SmmuV3::simulate_power_loss`] writes the registers' reset values, for a board (QEMU) whose
+//!   power domain is simulated, so that the resume path is exercised for real.
+//!
 //! ## Polling
 //!
 //! Every wait is bounded by [`Poll::spins`] iterations, each calling [`Poll::relax`]; running out
@@ -55,6 +74,7 @@ use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use spin::{Mutex, Once};
 use tock_registers::LocalRegisterCopy;
@@ -471,6 +491,10 @@ pub struct SmmuV3 {
     evtq: Mutex<EvtqState>,
     /// Serialises GERRORN acknowledgements (two CPUs toggling the same bit would re-raise it).
     gerror_lock: Mutex<()>,
+    /// The driver has set (or is about to set) CR0.SMMUEN, and no [`SmmuV3::suspend`] has begun
+    /// since: [`SmmuV3::write_ste_offline`] is refused. Changed with `tables` held, except by
+    /// `suspend`, which runs only when nobody uses the SMMU.
+    live: AtomicBool,
 }
 
 fn write_u64(pa: u64, v: u64) {
@@ -590,6 +614,7 @@ impl SmmuV3 {
                 overflows: 0,
             }),
             gerror_lock: Mutex::new(()),
+            live: AtomicBool::new(false),
         };
         smmu.clean_all_tables(&smmu.tables.lock());
         Ok(smmu)
@@ -677,7 +702,7 @@ impl SmmuV3 {
     /// Brings the SMMU from any state (firmware's, or lost power) to the driver's: disabled with
     /// GBPA = abort, tables and queues programmed, caches invalidated, event queue and
     /// interrupts on, then enabled. Every stream gets the STE the driver holds for it (abort
-    /// unless [`SmmuV3::write_ste`] said otherwise), so this is also the resume path.
+    /// unless [`SmmuV3::write_ste`] said otherwise). Both queues start again at index 0.
     ///
     /// Sequence (Linux `arm_smmu_device_reset`, with GBPA set before disabling so that no DMA
     /// bypasses in between):
@@ -692,7 +717,9 @@ impl SmmuV3 {
     /// 8. IRQ_CTRL = 0 (ack), MSIs off (IRQ_CFG0 = 0) if IDR0.MSI, IRQ_CTRL = EVENTQ | GERROR (ack).
     /// 9. CR0 |= SMMUEN.
     ///
-    /// Not supported once [`SmmuV3::install_cmd_queue`] handed the queue to a [`CmdQueue`].
+    /// Not supported once [`SmmuV3::install_cmd_queue`] handed the queue to a [`CmdQueue`]: a
+    /// power cycle then goes through [`SmmuV3::suspend`] and [`SmmuV3::resume`], which keep the
+    /// queue positions.
     pub fn reset(&self) -> Result<(), SmmuError> {
         if self.external.is_completed() {
             return Err(SmmuError::Unsupported(
@@ -701,15 +728,151 @@ impl SmmuV3 {
         }
         let tables = self.tables.lock();
         // 1. Abort incoming traffic while disabled, then disable.
-        self.gbpa_abort()?;
-        self.write_cr0(0)?;
-        {
-            let _g = self.gerror_lock.lock();
-            let g = self.mmio.read32(off::GERROR);
-            self.mmio.write32(off::GERRORN, g);
-        }
+        self.abort_and_disable(true)?;
         // 2. Tables.
         self.rewrite_tables(&tables);
+        // 3 to 9.
+        self.program_and_enable(false)?;
+        drop(tables);
+        Ok(())
+    }
+
+    /// Programs the SMMU again after its power domain was off (or after [`SmmuV3::suspend`] with
+    /// the power kept on: the same sequence is valid then), from the driver's memory: the stream
+    /// table as it is (including [`SmmuV3::write_ste_offline`]'s changes), the command queue at
+    /// the position where it stopped, the event queue at the driver's consumer position.
+    ///
+    /// The sequence is [`SmmuV3::reset`]'s, except that:
+    /// * CR0 is written (and CR0ACK awaited) only when CR0 or CR0ACK is not 0 already.
+    /// * The stream table is not rewritten: the memory is the saved state. `CMD_CFGI_ALL`
+    ///   (before any TLB invalidation, IHI0070 §4.3.6) makes the SMMU fetch every STE again and
+    ///   drops whatever it cached before the power went off (or kept, if it did not).
+    /// * CMDQ_PROD = CMDQ_CONS = the queue's current position (index + wrap), so the lock-free
+    ///   [`CmdQueue`] goes on with its counters ([`CmdQueue::resync`]); the invalidations go
+    ///   through it. Commands that were published but never consumed (a [`SmmuV3::suspend`]
+    ///   that timed out) are dropped: `CFGI_ALL` and `TLBI_*_ALL` cover every invalidation.
+    /// * EVENTQ_PROD = EVENTQ_CONS = the driver's event consumer position.
+    ///
+    /// GBPA stays abort. Every wait is bounded; on an error the SMMU is left disabled (or as far
+    /// as the sequence got) and `resume` can be called again.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::Timeout`] naming the register that did not respond; a command error from the
+    /// invalidations; [`SmmuError::Queue`] with [`CmdqError::Busy`] when a CPU is in the middle
+    /// of issuing commands (runtime PM rules that out), or [`CmdqError::Broken`].
+    pub fn resume(&self) -> Result<(), SmmuError> {
+        // Held throughout: a `write_ste_offline` either completes before `CFGI_ALL` or sees
+        // `live` set and is refused.
+        let tables = self.tables.lock();
+        self.abort_and_disable(false)?;
+        self.program_and_enable(true)?;
+        drop(tables);
+        Ok(())
+    }
+
+    /// Quiesces the SMMU before its power domain goes off. Runtime PM calls it when nobody uses
+    /// the SMMU: no command is being issued, though published commands may still be waiting in
+    /// the queue for the SMMU.
+    ///
+    /// 1. Waits until the SMMU consumed every published command (CMDQ_CONS = CMDQ_PROD). A
+    ///    command error (CMDQ_CONS.ERR) is handled as everywhere else (module docs: the command
+    ///    is skipped, GERROR.CMDQ_ERR acknowledged) and the queue drained on; the error is
+    ///    returned at the end. A queue that does not drain ends the wait with a timeout, and the
+    ///    suspend goes on: [`SmmuV3::resume`] supersedes the commands left.
+    /// 2. GBPA.ABORT = 1 (UPDATE handshake), so that no DMA bypasses once SMMUEN is clear.
+    /// 3. CR0.SMMUEN = 0, queues still on (wait CR0ACK): the SMMU stops translating, so it
+    ///    records no new events.
+    /// 4. Hands every event in the event queue to `on_event` (as [`SmmuV3::drain_events`]).
+    /// 5. CR0 = 0 (wait CR0ACK).
+    ///
+    /// The driver's state (queue positions, stream table) stays as it is, ready for
+    /// [`SmmuV3::resume`]. From the start of this call on, [`SmmuV3::write_ste_offline`] is
+    /// allowed.
+    ///
+    /// # Errors
+    ///
+    /// The first error: a [`SmmuError::CommandError`] from step 1 (after all steps completed),
+    /// a step-1 timeout (after all steps completed), or a [`SmmuError::Timeout`] of GBPA or CR0ACK
+    /// (at once: with GBPA not known to abort, translation is left on). Whatever it returns, the
+    /// SMMU may lose power and [`SmmuV3::resume`] brings it back.
+    pub fn suspend(&self, mut on_event: impl FnMut(Event)) -> Result<(), SmmuError> {
+        self.live.store(false, Ordering::Release);
+        // 1.
+        let drained = self.drain_cmdq();
+        if let Err(e) = drained {
+            log::error!("smmuv3: suspend: command queue not drained: {e}");
+        }
+        // 2.
+        self.gbpa_abort()?;
+        // 3.
+        let queues = (CR0::CMDQEN::SET + CR0::EVENTQEN::SET).value;
+        self.write_cr0(self.mmio.read32(off::CR0) & queues)?;
+        // 4. Translation is off (acknowledged): nothing adds to the queue any more.
+        self.drain_events(&mut on_event);
+        // 5.
+        self.write_cr0(0)?;
+        drained
+    }
+
+    /// Writes the reset value into every register the driver programs, as losing power would:
+    /// for a board whose SMMU power domain is simulated (QEMU), called after
+    /// [`SmmuV3::suspend`] when the domain "goes off", so that [`SmmuV3::resume`] has to program
+    /// everything again. Real hardware loses the registers by itself; never call this there
+    /// while anything relies on the SMMU.
+    ///
+    /// CR0 is 0 after a successful suspend (written here otherwise); IRQ_CTRL goes to 0 before
+    /// the MSI address registers; then CR1, CR2, STRTAB_BASE, STRTAB_BASE_CFG, CMDQ_BASE,
+    /// CMDQ_PROD, CMDQ_CONS, EVENTQ_BASE, EVENTQ_PROD and EVENTQ_CONS become 0. GBPA keeps
+    /// abort (its reset value may be bypass, which a simulation has no reason to open).
+    /// GERROR/GERRORN are left alone: GERROR is read-only. Failed waits are logged.
+    pub fn simulate_power_loss(&self) {
+        self.live.store(false, Ordering::Release);
+        let enabled = self.mmio.read32(off::CR0) != 0 || self.mmio.read32(off::CR0ACK) != 0;
+        if enabled && let Err(e) = self.write_cr0(0) {
+            log::error!("smmuv3: simulated power loss: {e}");
+        }
+        self.mmio.write32(off::IRQ_CTRL, 0);
+        if let Err(e) = self.wait32(off::IRQ_CTRLACK, "IRQ_CTRLACK", |a| a == 0) {
+            log::error!("smmuv3: simulated power loss: {e}");
+        }
+        if self.caps.msi {
+            self.mmio.write64(off::GERROR_IRQ_CFG0, 0);
+            self.mmio.write64(off::EVENTQ_IRQ_CFG0, 0);
+        }
+        self.mmio.write32(off::CR1, 0);
+        self.mmio.write32(off::CR2, 0);
+        self.mmio.write64(off::STRTAB_BASE, 0);
+        self.mmio.write32(off::STRTAB_BASE_CFG, 0);
+        self.mmio.write64(off::CMDQ_BASE, 0);
+        self.mmio.write32(off::CMDQ_PROD, 0);
+        self.mmio.write32(off::CMDQ_CONS, 0);
+        self.mmio.write64(off::EVENTQ_BASE, 0);
+        self.mmio.write32(off::EVENTQ_PROD, 0);
+        self.mmio.write32(off::EVENTQ_CONS, 0);
+    }
+
+    /// Step 1 of `reset` and `resume`: GBPA = abort, CR0 = 0 (always with `force`, else only
+    /// when it is not 0 yet), stale global errors acknowledged.
+    fn abort_and_disable(&self, force: bool) -> Result<(), SmmuError> {
+        self.gbpa_abort()?;
+        if force || self.mmio.read32(off::CR0) != 0 || self.mmio.read32(off::CR0ACK) != 0 {
+            self.write_cr0(0)?;
+        }
+        self.live.store(false, Ordering::Release);
+        let _g = self.gerror_lock.lock();
+        let g = self.mmio.read32(off::GERROR);
+        let active = (g ^ self.mmio.read32(off::GERRORN)) & GERROR_ERR_MASK;
+        if active != 0 {
+            log::warn!("smmuv3: stale global error(s) {active:#x} acknowledged");
+        }
+        self.mmio.write32(off::GERRORN, g);
+        Ok(())
+    }
+
+    /// Steps 3 to 9 of `reset` (queues at 0) and `resume` (queues where they were). The SMMU is
+    /// disabled (CR0ACK = 0) and the caller holds `tables`.
+    fn program_and_enable(&self, resume: bool) -> Result<(), SmmuError> {
         // 3. Attributes of the SMMU's own accesses.
         let cr1 = if self.caps.coherent {
             CR1::QUEUE_IC::WriteBack
@@ -743,33 +906,43 @@ impl SmmuV3 {
         // 5. Command queue.
         {
             let mut q = self.cmdq.lock();
+            let pos = match self.external.get() {
+                // SAFETY: CR0ACK.CMDQEN is 0 (step 1), so the SMMU does not read the queue until
+                // CMDQ_PROD and CMDQ_CONS are written below, before CMDQEN is set; no CPU issues
+                // commands during a resume (runtime PM's contract; `resync` checks what it can).
+                Some(ext) if resume => unsafe { ext.resync() }?,
+                _ if resume => q.prod & regs::q_wrap_index_mask(self.caps.cmdq_log2size),
+                _ => 0,
+            };
             self.mmio.write64(
                 off::CMDQ_BASE,
                 regs::q_base(self.cmdq_base, self.caps.cmdq_log2size, true),
             );
-            self.mmio.write32(off::CMDQ_PROD, 0);
-            self.mmio.write32(off::CMDQ_CONS, 0);
-            q.prod = 0;
+            self.mmio.write32(off::CMDQ_PROD, pos);
+            self.mmio.write32(off::CMDQ_CONS, pos);
+            q.prod = pos;
         }
         let mut cr0 = CR0::CMDQEN::SET.value;
         self.write_cr0(cr0)?;
         // 6. Invalidate cached configuration, then TLBs (in this order: IHI0070 §4.3.6).
-        self.submit_internal(&[Command::CfgiAll.encode()])?;
+        self.submit_sync_any(&[Command::CfgiAll.encode()])?;
         let mut tlbi = vec![Command::TlbiNsnhAll.encode()];
         if self.caps.hyp {
             tlbi.insert(0, Command::TlbiEl2All.encode());
         }
-        self.submit_internal(&tlbi)?;
-        // 7. Event queue.
+        self.submit_sync_any(&tlbi)?;
+        // 7. Event queue. PROD takes CONS's OVACKFLG as its OVFLG: no overflow pending.
         {
             let mut e = self.evtq.lock();
+            if !resume {
+                e.cons = 0;
+            }
             self.mmio.write64(
                 off::EVENTQ_BASE,
                 regs::q_base(self.evtq_base, self.caps.evtq_log2size, true),
             );
-            self.mmio.write32(off::EVENTQ_PROD, 0);
-            self.mmio.write32(off::EVENTQ_CONS, 0);
-            e.cons = 0;
+            self.mmio.write32(off::EVENTQ_PROD, e.cons);
+            self.mmio.write32(off::EVENTQ_CONS, e.cons);
         }
         cr0 |= CR0::EVENTQEN::SET.value;
         self.write_cr0(cr0)?;
@@ -783,11 +956,42 @@ impl SmmuV3 {
         let irq = (IRQ_CTRL::EVENTQ_IRQEN::SET + IRQ_CTRL::GERROR_IRQEN::SET).value;
         self.mmio.write32(off::IRQ_CTRL, irq);
         self.wait32(off::IRQ_CTRLACK, "IRQ_CTRLACK", |a| a == irq)?;
-        // 9. Translate.
+        // 9. Translate. `live` first: from the SMMUEN write on, offline STE writes are wrong.
+        self.live.store(true, Ordering::Release);
         cr0 |= CR0::SMMUEN::SET.value;
-        self.write_cr0(cr0)?;
-        drop(tables);
-        Ok(())
+        self.write_cr0(cr0)
+    }
+
+    /// Step 1 of `suspend`: waits until the SMMU consumed every published command, handling
+    /// command errors on the way. Returns the first command error once drained.
+    fn drain_cmdq(&self) -> Result<(), SmmuError> {
+        // No internal submitter (nor `install_cmd_queue`) meanwhile.
+        let q = self.cmdq.lock();
+        let log2 = self.caps.cmdq_log2size;
+        let mut err = None;
+        let mut spins = 0u64;
+        loop {
+            let prod = self.mmio.read32(off::CMDQ_PROD);
+            let cons = read_cmdq_cons(&*self.mmio);
+            if cons & CONS_ERR != 0 {
+                let e = match self.external.get() {
+                    Some(ext) => self.recover_external_error(ext),
+                    None => self.skip_internal_error(&q, cons),
+                };
+                if let Some(e) = e {
+                    err.get_or_insert(e);
+                }
+            } else if regs::q_empty(prod, cons, log2) {
+                return err.map_or(Ok(()), Err);
+            }
+            // Counted on errors too: an error that comes back after every skip ends in a
+            // timeout, not a loop.
+            spins += 1;
+            if spins > self.poll.spins {
+                return Err(SmmuError::Timeout { reg: "CMDQ_CONS" });
+            }
+            (self.poll.relax)();
+        }
     }
 
     /// Writes every STE (and level-1 descriptor) from the shadow copies; for `reset`.
@@ -830,8 +1034,10 @@ impl SmmuV3 {
         }
     }
 
-    /// Address of `sid`'s STE, allocating (and publishing) its level-2 table if needed.
-    fn ste_addr_alloc(&self, t: &mut Tables, sid: u32) -> Result<u64, SmmuError> {
+    /// Address of `sid`'s STE, allocating (and publishing) its level-2 table if needed. On a
+    /// `live` SMMU the new level-1 descriptor is then invalidated (`CMD_CFGI_STE`, Leaf = 0);
+    /// otherwise nothing but memory is touched.
+    fn ste_addr_alloc(&self, t: &mut Tables, sid: u32, live: bool) -> Result<u64, SmmuError> {
         match self.strtab {
             Strtab::Linear { base } => Ok(base + u64::from(sid) * STE_BYTES as u64),
             Strtab::TwoLevel { l1 } => {
@@ -854,7 +1060,9 @@ impl SmmuV3 {
                     write_u64(d, L1Desc::for_split(l2, STRTAB_SPLIT).0);
                     self.clean(d, L1_DESC_BYTES);
                     t.l2[i] = l2;
-                    self.submit_sync(&[Command::CfgiSte { sid, leaf: false }.encode()])?;
+                    if live {
+                        self.submit_sync(&[Command::CfgiSte { sid, leaf: false }.encode()])?;
+                    }
                 }
                 Ok(t.l2[i] + j * STE_BYTES as u64)
             }
@@ -904,7 +1112,7 @@ impl SmmuV3 {
             return Err(SmmuError::SidOutOfRange { sid });
         }
         let mut t = self.tables.lock();
-        let addr = self.ste_addr_alloc(&mut t, sid)?;
+        let addr = self.ste_addr_alloc(&mut t, sid, true)?;
         let old = t.shadow.get(&sid).copied().unwrap_or(Ste::abort());
         let r = self.update_ste(addr, sid, &old, &ste);
         // The shadow is what memory holds (on an error midway, the partial state).
@@ -915,6 +1123,44 @@ impl SmmuV3 {
             t.shadow.insert(sid, now);
         }
         r
+    }
+
+    /// Installs `ste` as `sid`'s STE while the SMMU is off: its power domain is off, or it is
+    /// between [`SmmuV3::suspend`] and [`SmmuV3::resume`] (or before the first
+    /// [`SmmuV3::reset`]). Writes the stream table in memory only — allocating the level-2
+    /// table if needed, cleaning what it wrote for a non-coherent SMMU — and issues no command
+    /// and touches no register (an unpowered SMMU must not be accessed). The SMMU picks the STE
+    /// up when `resume` issues `CMD_CFGI_ALL` (or `reset` rewrites the table from the shadow).
+    ///
+    /// With the SMMU disabled nothing fetches STEs, so the order of the writes does not matter
+    /// here; on a live SMMU use [`SmmuV3::write_ste`].
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::SidOutOfRange`]; [`SmmuError::NoMemory`] for a level-2 table;
+    /// [`SmmuError::Unsupported`] while the driver has the SMMU enabled (after `reset` or
+    /// `resume`, before `suspend`).
+    pub fn write_ste_offline(&self, sid: u32, ste: Ste) -> Result<(), SmmuError> {
+        if sid >> self.caps.sid_bits != 0 {
+            return Err(SmmuError::SidOutOfRange { sid });
+        }
+        let mut t = self.tables.lock();
+        // Under `tables`: `resume` sets `live` with it held, so this write is either covered by
+        // its `CFGI_ALL` or refused.
+        if self.live.load(Ordering::Acquire) {
+            return Err(SmmuError::Unsupported(
+                "write_ste_offline on an enabled SMMU (use write_ste)",
+            ));
+        }
+        let addr = self.ste_addr_alloc(&mut t, sid, false)?;
+        write_ste_words(addr, &ste);
+        self.clean(addr, STE_BYTES);
+        if ste == Ste::abort() {
+            t.shadow.remove(&sid);
+        } else {
+            t.shadow.insert(sid, ste);
+        }
+        Ok(())
     }
 
     fn update_ste(&self, addr: u64, sid: u32, old: &Ste, new: &Ste) -> Result<(), SmmuError> {
@@ -1097,19 +1343,37 @@ impl SmmuV3 {
         Some(SmmuError::CommandError { code, index })
     }
 
+    /// With the lock-free queue: if GERROR.CMDQ_ERR is active, skips the failed command
+    /// ([`CmdQueue::skip_failed_command`]) and acknowledges the error, which restarts the queue.
+    /// Returns the error (`None`: none was active).
+    fn recover_external_error(&self, ext: &CmdQueue) -> Option<SmmuError> {
+        let _g = self.gerror_lock.lock();
+        let gn = self.mmio.read32(off::GERRORN);
+        if (self.mmio.read32(off::GERROR) ^ gn) & GERROR_CMDQ_ERR == 0 {
+            return None;
+        }
+        let e = match ext.skip_failed_command() {
+            Some(e) => {
+                log::error!("smmuv3: {e}");
+                SmmuError::from(e)
+            }
+            // CMDQ_ERR without a CONS.ERR code (CERROR_NONE): nothing to skip.
+            None => SmmuError::CommandError {
+                code: 0,
+                index: regs::q_idx(self.mmio.read32(off::CMDQ_CONS), self.caps.cmdq_log2size),
+            },
+        };
+        self.mmio.write32(off::GERRORN, gn ^ GERROR_CMDQ_ERR);
+        Some(e)
+    }
+
     /// Active global errors, acknowledged; `None` when there are none. A command-queue error
     /// (CMDQ_ERR) is handled as in the module docs — unless a submitter is waiting on the
     /// internal queue right now, which then handles it itself.
     pub fn gerror(&self) -> Option<u32> {
         let mut handled = 0;
         if let Some(ext) = self.external.get() {
-            let _g = self.gerror_lock.lock();
-            let gn = self.mmio.read32(off::GERRORN);
-            if (self.mmio.read32(off::GERROR) ^ gn) & GERROR_CMDQ_ERR != 0 {
-                if let Some(e) = ext.skip_failed_command() {
-                    log::error!("smmuv3: {e}");
-                }
-                self.mmio.write32(off::GERRORN, gn ^ GERROR_CMDQ_ERR);
+            if self.recover_external_error(ext).is_some() {
                 handled |= GERROR_CMDQ_ERR;
             }
         } else if let Some(q) = self.cmdq.try_lock() {
@@ -1971,5 +2235,517 @@ mod tests {
             first.iter().map(|e| e.index).collect::<Vec<_>>(),
             vec![0, 1, 2, 3]
         );
+    }
+
+    // ---- Power: suspend, power loss, offline STE writes, resume ----
+
+    /// The configuration registers the driver programs (not the queue pointers).
+    fn config_regs(model: &SmmuModel) -> [u64; 11] {
+        model.with(|s| {
+            [
+                s.cr0.into(),
+                s.cr0ack.into(),
+                s.cr1.into(),
+                s.cr2.into(),
+                s.gbpa.into(),
+                s.irq_ctrl.into(),
+                s.irq_ctrlack.into(),
+                s.strtab_base,
+                s.strtab_base_cfg.into(),
+                s.cmdq_base,
+                s.eventq_base,
+            ]
+        })
+    }
+
+    fn no_violations(model: &SmmuModel) {
+        model.with(|s| assert!(s.violations.is_empty(), "{:?}", s.violations));
+    }
+
+    /// A reset SMMU whose commands go through the lock-free queue.
+    fn installed(r: &Rig) -> Arc<CmdQueue> {
+        r.smmu.reset().unwrap();
+        r.smmu
+            .install_cmd_queue(CmdqOptions {
+                max_spins: 1000,
+                ..CmdqOptions::default()
+            })
+            .unwrap()
+    }
+
+    /// Position in `writes` of the (last) CR0 write that set SMMUEN.
+    fn smmuen_write(model: &SmmuModel) -> usize {
+        model.with(|s| {
+            s.writes
+                .iter()
+                .rposition(|&(o, v)| o == off::CR0 && v & 1 != 0)
+                .unwrap()
+        })
+    }
+
+    /// The invalidations every resume makes, each before SMMUEN was written.
+    fn assert_resume_invalidations(model: &SmmuModel, first_index: u32, log2: u32) {
+        let en = smmuen_write(model);
+        let ex = model.with(|s| s.executed.clone());
+        assert_eq!(
+            ex.iter().map(|e| e.cmd).collect::<Vec<_>>(),
+            vec![
+                Command::CfgiAll,
+                Command::sync(),
+                Command::TlbiNsnhAll,
+                Command::sync()
+            ]
+        );
+        for (i, e) in ex.iter().enumerate() {
+            assert_eq!(e.index, regs::q_idx(first_index + i as u32, log2));
+            assert!(e.at_write < en, "{:?} after SMMUEN", e.cmd);
+        }
+    }
+
+    #[test]
+    fn resume_sequence_and_final_state() {
+        let r = rig();
+        let q = installed(&r);
+        let after_reset = config_regs(&r.model);
+        let a = s2_ste(1, 0x4800_0000);
+        r.smmu.write_ste(0x0801, a).unwrap();
+        q.submit_sync(&[Command::TlbiS12Vmall { vmid: 1 }.encode()])
+            .unwrap();
+        for sid in [1, 2] {
+            assert!(r.model.inject_event(Event::bad_ste(sid).raw));
+        }
+        let mut seen = Vec::new();
+        r.smmu.suspend(|e| seen.push(e.sid)).unwrap();
+        assert_eq!(seen, vec![1, 2]);
+        let pos = r.model.with(|s| {
+            assert_eq!((s.cr0, s.cr0ack), (0, 0));
+            assert_eq!(s.cmdq_prod, s.cmdq_cons, "drained");
+            s.cmdq_prod
+        });
+        r.smmu.simulate_power_loss();
+        r.model.with(|s| {
+            let regs = [
+                s.cr0,
+                s.cr1,
+                s.cr2,
+                s.irq_ctrl,
+                s.strtab_base_cfg,
+                s.cmdq_prod,
+                s.cmdq_cons,
+                s.eventq_prod,
+                s.eventq_cons,
+            ];
+            assert_eq!(regs, [0; 9]);
+            assert_eq!([s.strtab_base, s.cmdq_base, s.eventq_base], [0; 3]);
+            assert_eq!(s.gbpa, 0x1000 | (1 << 20), "GBPA stays abort");
+            s.writes.clear();
+            s.executed.clear();
+        });
+        r.smmu.resume().unwrap();
+
+        let l1 = r.mem.allocations()[0].0;
+        let log2 = 8;
+        let at = |n| regs::q_add(pos, n, log2);
+        let expected: Vec<(u64, u64)> = vec![
+            (off::GBPA, 0x1000 | (1 << 20) | (1 << 31)),
+            // CR0 is 0 already: not written.
+            (off::GERRORN, 0),
+            (off::CR1, 0xd75),
+            (off::CR2, 0b110),
+            (off::STRTAB_BASE, l1 | (1 << 62)),
+            (off::STRTAB_BASE_CFG, (1 << 16) | (8 << 6) | 16),
+            (off::CMDQ_BASE, r.smmu.cmdq_base_pa() | (1 << 62) | 8),
+            (off::CMDQ_PROD, pos.into()),
+            (off::CMDQ_CONS, pos.into()),
+            (off::CR0, 0b1000),
+            (off::CMDQ_PROD, at(2).into()),
+            (off::CMDQ_PROD, at(4).into()),
+            (off::EVENTQ_BASE, r.smmu.evtq_base_pa() | (1 << 62) | 12),
+            (off::EVENTQ_PROD, 2),
+            (off::EVENTQ_CONS, 2),
+            (off::CR0, 0b1100),
+            (off::IRQ_CTRL, 0),
+            (off::IRQ_CTRL, 0b101),
+            (off::CR0, 0b1101),
+        ];
+        assert_eq!(r.model.with(|s| s.writes.clone()), expected);
+        assert_resume_invalidations(&r.model, pos, log2);
+        assert_eq!(config_regs(&r.model), after_reset);
+        r.model.with(|s| {
+            assert_eq!((s.cmdq_prod, s.cmdq_cons), (at(4), at(4)));
+            assert_eq!((s.eventq_prod, s.eventq_cons), (2, 2));
+            assert_eq!(r.model.fetch_ste(s, 0x0801), Some(a));
+            assert_eq!(r.model.cached_ste(s, 0x0801), Some(a));
+        });
+        no_violations(&r.model);
+        // The lock-free queue goes on from there.
+        q.submit_sync(&[Command::TlbiS12Vmall { vmid: 2 }.encode()])
+            .unwrap();
+        r.model.with(|s| {
+            let e = &s.executed[4..];
+            assert_eq!(e[0].cmd, Command::TlbiS12Vmall { vmid: 2 });
+            assert_eq!(e[0].index, regs::q_idx(at(4), log2));
+            assert_eq!(e.len(), 2);
+        });
+    }
+
+    #[test]
+    fn full_power_cycle_with_offline_ste_writes() {
+        let r = rig();
+        let q = installed(&r);
+        let after_reset = config_regs(&r.model);
+        let (a, b, c) = (
+            s2_ste(1, 0x4800_0000),
+            s2_ste(2, 0x4900_0000),
+            s2_ste(3, 0x4a00_0000),
+        );
+        r.smmu.write_ste(0x0801, a).unwrap();
+        q.issue(&[Command::TlbiS12Vmall { vmid: 1 }.encode()], false)
+            .unwrap();
+        q.submit_sync(&[Command::TlbiS12Vmall { vmid: 2 }.encode()])
+            .unwrap();
+        // A transaction from 0x801 caches its STE.
+        r.model
+            .with(|s| assert_eq!(r.model.cached_ste(s, 0x0801), Some(a)));
+        for sid in 10..13 {
+            assert!(r.model.inject_event(Event::bad_ste(sid).raw));
+        }
+        let mut seen = Vec::new();
+        r.smmu.suspend(|e| seen.push(e.sid)).unwrap();
+        assert_eq!(seen, vec![10, 11, 12], "every pending event delivered");
+        let pos = r.model.with(|s| s.cmdq_prod);
+        r.smmu.simulate_power_loss();
+        // The power really goes: from here until power-on, any register access is a violation.
+        r.model.power_off();
+        let allocs = r.mem.allocations().len();
+        r.smmu.write_ste_offline(0x0801, b).unwrap();
+        r.smmu.write_ste_offline(0x1234, c).unwrap();
+        assert_eq!(r.mem.allocations().len(), allocs + 1, "level-2 table");
+        assert_eq!(
+            r.smmu.write_ste_offline(0x1_0000, c),
+            Err(SmmuError::SidOutOfRange { sid: 0x1_0000 })
+        );
+        no_violations(&r.model);
+        assert_eq!(r.smmu.shadow_ste(0x1234), c);
+        r.model.power_on();
+        r.model.with(|s| {
+            s.writes.clear();
+            s.executed.clear();
+        });
+        r.smmu.resume().unwrap();
+        assert_eq!(config_regs(&r.model), after_reset);
+        assert_resume_invalidations(&r.model, pos, 8);
+        r.model.with(|s| {
+            assert_eq!(r.model.fetch_ste(s, 0x1234), Some(c));
+            assert_eq!(r.model.cached_ste(s, 0x1234), Some(c));
+            assert_eq!(r.model.cached_ste(s, 0x0801), Some(b));
+            assert_eq!(r.model.cached_ste(s, 0x1235), Some(Ste::abort()));
+            assert_eq!(r.model.fetch_ste(s, 0x2000), None);
+        });
+        // Commands after the resume: next slots, executed once; live STE updates work.
+        let next = regs::q_add(pos, 4, 8);
+        q.submit_sync(&[Command::TlbiS12Vmall { vmid: 3 }.encode()])
+            .unwrap();
+        r.smmu.write_ste(0x1234, Ste::abort()).unwrap();
+        r.model.with(|s| {
+            let e = &s.executed[4..];
+            assert_eq!(
+                (e[0].cmd, e[0].index),
+                (Command::TlbiS12Vmall { vmid: 3 }, regs::q_idx(next, 8))
+            );
+            assert_eq!(e[1].cmd, Command::sync());
+            assert!(e[2..].iter().all(|e| matches!(
+                e.cmd,
+                Command::CfgiSte { sid: 0x1234, .. } | Command::Sync { .. }
+            )));
+            for w in s.executed.windows(2) {
+                assert_eq!(
+                    w[1].index,
+                    (w[0].index + 1) % 256,
+                    "no slot twice or skipped"
+                );
+            }
+            assert_eq!(r.model.cached_ste(s, 0x1234), Some(Ste::abort()));
+            assert_eq!(s.power_losses, 1);
+        });
+        assert_eq!(r.smmu.gerror(), None);
+        no_violations(&r.model);
+    }
+
+    #[test]
+    fn resume_without_power_loss_drops_stale_cached_stes() {
+        let r = rig_with(small_idr(), None);
+        let q = installed(&r);
+        let (a, b) = (s2_ste(1, 0x4800_0000), s2_ste(2, 0x4900_0000));
+        r.smmu.write_ste(5, a).unwrap();
+        r.model
+            .with(|s| assert_eq!(r.model.cached_ste(s, 5), Some(a)));
+        // Offline writes are refused while the SMMU is enabled.
+        assert!(matches!(
+            r.smmu.write_ste_offline(5, b),
+            Err(SmmuError::Unsupported(_))
+        ));
+        r.smmu.suspend(|_| {}).unwrap();
+        r.model.with(|s| s.writes.clear());
+        r.smmu.write_ste_offline(5, b).unwrap();
+        assert!(r.model.with(|s| s.writes.is_empty()), "no register access");
+        // Registers kept, and the SMMU kept its cached STE: only CFGI_ALL replaces it.
+        r.model.with(|s| assert_eq!(s.ste_cache.get(&5), Some(&a)));
+        r.smmu.resume().unwrap();
+        r.model.with(|s| {
+            assert_eq!(r.model.cached_ste(s, 5), Some(b));
+            assert!(!s.writes.contains(&(off::CR0, 0)));
+        });
+        q.submit_sync(&[]).unwrap();
+        // Resuming an SMMU that is running (no suspend) is a valid sequence too: it is disabled
+        // first.
+        r.smmu.resume().unwrap();
+        r.model.with(|s| {
+            assert!(s.writes.contains(&(off::CR0, 0)));
+            assert_eq!(s.cr0ack, 0b1101);
+            assert_eq!(s.cmdq_prod, s.cmdq_cons);
+        });
+        q.submit_sync(&[]).unwrap();
+        no_violations(&r.model);
+    }
+
+    #[test]
+    fn hundred_power_cycles_without_drift() {
+        // 8-entry command queue and 4-entry event queue: both wrap many times.
+        let r = rig_with(small_idr(), None);
+        let q = installed(&r);
+        let allocs = r.mem.allocations().len();
+        let mut expected_cmds = 4; // reset's
+        let mut events = 0u32;
+        for i in 0..100u32 {
+            let k = (i % 5) as usize;
+            let cmds: Vec<_> = (0..k)
+                .map(|j| {
+                    Command::TlbiS12Vmall {
+                        vmid: (i + j as u32) as u16,
+                    }
+                    .encode()
+                })
+                .collect();
+            q.submit_sync(&cmds).unwrap();
+            expected_cmds += k + 1;
+            let n = i % 4;
+            for j in 0..n {
+                assert!(r.model.inject_event(Event::bad_ste(events + j).raw));
+            }
+            let mut seen = Vec::new();
+            r.smmu.suspend(|e| seen.push(e.sid)).unwrap();
+            assert_eq!(seen, (events..events + n).collect::<Vec<_>>(), "cycle {i}");
+            events += n;
+            match i % 3 {
+                0 => r.smmu.simulate_power_loss(),
+                1 => r.model.power_cycle(),
+                _ => {} // registers kept
+            }
+            let sid = i % 256;
+            let ste = s2_ste(i as u16 + 1, 0x4000_0000);
+            r.smmu.write_ste_offline(sid, ste).unwrap();
+            r.smmu.resume().unwrap();
+            expected_cmds += 4;
+            r.model.with(|s| {
+                assert_eq!(r.model.cached_ste(s, sid), Some(ste));
+                assert_eq!(s.cmdq_prod, s.cmdq_cons);
+            });
+        }
+        q.submit_sync(&[]).unwrap();
+        expected_cmds += 1;
+        r.model.with(|s| {
+            assert_eq!(s.executed.len(), expected_cmds);
+            for w in s.executed.windows(2) {
+                assert_eq!(w[1].index, (w[0].index + 1) % 8, "no slot twice or skipped");
+            }
+            assert_eq!(s.power_losses, 33);
+            assert!(s.violations.is_empty(), "{:?}", s.violations);
+        });
+        assert_eq!(r.mem.allocations().len(), allocs, "no allocation per cycle");
+        assert_eq!(r.smmu.event_overflows(), 0);
+        let st = q.stats();
+        assert_eq!(st.batches, st.owned);
+        assert_eq!(r.smmu.gerror(), None);
+    }
+
+    #[test]
+    fn power_cycles_with_the_internal_queue() {
+        // Before install_cmd_queue the same calls work on the internal queue.
+        let r = rig_with(small_idr(), None);
+        r.smmu.reset().unwrap();
+        for i in 0..5u16 {
+            r.smmu
+                .submit_sync(&[Command::TlbiS12Vmall { vmid: i }.encode()])
+                .unwrap();
+            r.smmu.suspend(|_| {}).unwrap();
+            if i % 2 == 0 {
+                r.smmu.simulate_power_loss();
+            }
+            r.smmu.resume().unwrap();
+        }
+        r.smmu.submit_sync(&[]).unwrap();
+        r.model.with(|s| {
+            assert_eq!(s.executed.len(), 4 + 5 * (2 + 4) + 1);
+            for w in s.executed.windows(2) {
+                assert_eq!(w[1].index, (w[0].index + 1) % 8);
+            }
+            assert!(s.violations.is_empty(), "{:?}", s.violations);
+        });
+        // The lock-free queue can still take over after a resume.
+        let q = r.smmu.install_cmd_queue(CmdqOptions::default()).unwrap();
+        q.submit_sync(&[]).unwrap();
+    }
+
+    #[test]
+    fn suspend_with_a_stalled_queue_is_a_timeout() {
+        let r = rig_with(small_idr(), None);
+        let q = installed(&r);
+        r.model.with(|s| s.stall_cmdq = true);
+        let lost = Command::TlbiS12Vmall { vmid: 9 };
+        q.issue(&[lost.encode()], false).unwrap();
+        assert!(r.model.inject_event(Event::bad_ste(3).raw));
+        let mut seen = Vec::new();
+        assert_eq!(
+            r.smmu.suspend(|e| seen.push(e.sid)),
+            Err(SmmuError::Timeout { reg: "CMDQ_CONS" })
+        );
+        // The rest of the quiesce was done all the same.
+        assert_eq!(seen, vec![3]);
+        r.model.with(|s| {
+            assert_eq!(s.cr0ack, 0);
+            assert_ne!(s.gbpa & (1 << 20), 0);
+            s.stall_cmdq = false;
+            s.executed.clear();
+        });
+        // Resume supersedes the stuck command (CFGI_ALL + TLBI_NSNH_ALL) and goes on after it.
+        let pos = r.model.with(|s| s.cmdq_prod);
+        r.smmu.resume().unwrap();
+        assert_resume_invalidations(&r.model, pos, 3);
+        q.submit_sync(&[]).unwrap();
+        assert!(!cmds(&r.model).contains(&lost));
+        no_violations(&r.model);
+    }
+
+    #[test]
+    fn suspend_with_a_stuck_acknowledgement_is_an_error() {
+        let r = rig_with(small_idr(), None);
+        let q = installed(&r);
+        r.model.with(|s| s.stuck_cr0ack = true);
+        assert_eq!(
+            r.smmu.suspend(|_| {}),
+            Err(SmmuError::Timeout { reg: "CR0ACK" })
+        );
+        assert_eq!(r.smmu.resume(), Err(SmmuError::Timeout { reg: "CR0ACK" }));
+        r.model.with(|s| s.stuck_cr0ack = false);
+        r.smmu.resume().unwrap();
+        q.submit_sync(&[]).unwrap();
+        // A GBPA that never completes its update: translation is left on.
+        r.model.with(|s| {
+            s.stuck_gbpa = true;
+            s.gbpa |= 1 << 31;
+        });
+        assert_eq!(
+            r.smmu.suspend(|_| {}),
+            Err(SmmuError::Timeout { reg: "GBPA" })
+        );
+        r.model.with(|s| assert_eq!(s.cr0ack, 0b1101));
+        assert_eq!(r.smmu.resume(), Err(SmmuError::Timeout { reg: "GBPA" }));
+        r.model.with(|s| {
+            s.stuck_gbpa = false;
+            s.gbpa &= !(1 << 31);
+        });
+        r.smmu.suspend(|_| {}).unwrap();
+        r.smmu.resume().unwrap();
+        q.submit_sync(&[]).unwrap();
+        no_violations(&r.model);
+    }
+
+    #[test]
+    fn suspend_skips_a_failed_command_and_reports_it() {
+        let r = rig_with(small_idr(), None);
+        let q = installed(&r);
+        // Published without a sync, so nobody waits for it: the SMMU stops at it (index 4).
+        q.issue(&[[0, 0], Command::TlbiS12Vmall { vmid: 5 }.encode()], false)
+            .unwrap();
+        r.model
+            .with(|s| assert_eq!(s.errors, vec![(4, CERROR_ILL)]));
+        assert_eq!(
+            r.smmu.suspend(|_| {}),
+            Err(SmmuError::CommandError {
+                code: CERROR_ILL,
+                index: 4
+            })
+        );
+        r.model.with(|s| {
+            assert_eq!(s.gerror, s.gerrorn, "acknowledged");
+            assert_eq!(s.cr0ack, 0, "quiesced all the same");
+            assert_eq!(s.cmdq_prod & 0xf, s.cmdq_cons & 0xf);
+            assert_eq!(
+                s.executed.last().unwrap().cmd,
+                Command::TlbiS12Vmall { vmid: 5 }
+            );
+        });
+        r.smmu.simulate_power_loss();
+        r.smmu.resume().unwrap();
+        q.submit_sync(&[Command::TlbiS12Vmall { vmid: 6 }.encode()])
+            .unwrap();
+        assert_eq!(r.smmu.gerror(), None);
+        no_violations(&r.model);
+    }
+
+    #[test]
+    fn write_ste_offline_before_reset_and_on_a_non_coherent_smmu() {
+        let mut idr = QEMU_IDR;
+        idr[0] &= !(1 << 4); // COHACC
+        let r = rig_with(idr, None);
+        let a = s2_ste(4, 0x4800_0000);
+        // Before the first reset the SMMU is not enabled either; reset keeps the STE.
+        r.smmu.write_ste_offline(0x0305, a).unwrap();
+        assert!(r.model.with(|s| s.writes.is_empty()));
+        assert!(r.mem.cleans.load(Ordering::Relaxed) > 0);
+        r.smmu.reset().unwrap();
+        r.model
+            .with(|s| assert_eq!(r.model.cached_ste(s, 0x0305), Some(a)));
+        r.smmu.suspend(|_| {}).unwrap();
+        r.model.power_off();
+        let before = r.mem.cleans.load(Ordering::Relaxed);
+        r.smmu.write_ste_offline(0x0305, Ste::abort()).unwrap();
+        r.smmu.write_ste_offline(0x0905, a).unwrap();
+        // The new level-2 table, its descriptor and the STE; then the abort STE's.
+        assert_eq!(r.mem.cleans.load(Ordering::Relaxed), before + 4);
+        r.model.power_on();
+        r.smmu.resume().unwrap();
+        r.model.with(|s| {
+            assert_eq!(r.model.cached_ste(s, 0x0305), Some(Ste::abort()));
+            assert_eq!(r.model.cached_ste(s, 0x0905), Some(a));
+            assert_eq!(s.cr1, 0x820, "NC, outer shareable");
+        });
+        assert_eq!(r.smmu.shadow_ste(0x0305), Ste::abort());
+        no_violations(&r.model);
+    }
+
+    #[test]
+    fn model_flags_irq_configuration_while_enabled() {
+        let mut idr = small_idr();
+        idr[0] |= 1 << 13; // MSI
+        let r = rig_with(idr, None);
+        r.smmu.reset().unwrap();
+        no_violations(&r.model);
+        r.model.write64(off::GERROR_IRQ_CFG0, 0);
+        r.model.write64(off::EVENTQ_IRQ_CFG0, 0);
+        assert_eq!(r.model.with(|s| s.violations.len()), 2);
+        // Suspend, power loss and resume with MSIs: no violation.
+        r.model.with(|s| s.violations.clear());
+        r.smmu.suspend(|_| {}).unwrap();
+        r.smmu.simulate_power_loss();
+        r.smmu.resume().unwrap();
+        r.smmu.suspend(|_| {}).unwrap();
+        r.smmu.resume().unwrap();
+        no_violations(&r.model);
+        // Registers of an unpowered SMMU must not be touched.
+        r.model.power_off();
+        r.model.read32(off::CR0);
+        assert_eq!(r.model.with(|s| s.violations.len()), 1);
     }
 }

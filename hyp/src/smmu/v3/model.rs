@@ -14,10 +14,18 @@
 //! (with overflow). Knobs: a stuck CR0ACK or GBPA.UPDATE, a stalled command queue.
 //!
 //! The model also records *violations*: register writes the architecture forbids in the current
-//! state (CR1/CR2/STRTAB_* while SMMUEN = 1, CMDQ_BASE/CONS while CMDQEN = 1, …), so tests can
-//! assert the driver never makes them.
+//! state (CR1/CR2/STRTAB_* while SMMUEN = 1, CMDQ_BASE/CONS while CMDQEN = 1, an IRQ_CFG0 while
+//! its interrupt is enabled, …), so tests can assert the driver never makes them.
+//!
+//! Power: [`SmmuModel::power_off`] loses every register (they read as their reset values after
+//! [`SmmuModel::power_on`]; [`SmmuModel::power_cycle`] does both) and the configuration cache;
+//! while off, any register access is a violation. The configuration cache
+//! ([`SmmuModel::cached_ste`]: the STE a transaction would use) is filled on use and emptied by
+//! `CMD_CFGI_STE`/`CMD_CFGI_STE_RANGE`/`CMD_CFGI_ALL` and by power loss, never by disabling the
+//! SMMU, as the architecture allows: a driver that forgets to invalidate sees stale STEs.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::collections::BTreeMap;
 use std::format;
 use std::string::String;
 use std::sync::Mutex;
@@ -121,6 +129,8 @@ pub(crate) struct Executed {
     /// For CFGI_STE and SYNC: the watched StreamID's STE as the SMMU would fetch it then
     /// (`None`: unreachable).
     pub ste: Option<Ste>,
+    /// Register writes made before it (its position in `writes`).
+    pub at_write: usize,
 }
 
 /// Model registers and knobs (public to the tests).
@@ -165,6 +175,37 @@ pub(crate) struct ModelState {
     pub errors: Vec<(u32, u8)>,
     /// Forbidden register writes.
     pub violations: Vec<String>,
+    /// The power domain is on.
+    pub powered: bool,
+    /// Times the power went off.
+    pub power_losses: u32,
+    /// Cached STEs by StreamID (the configuration cache).
+    pub ste_cache: BTreeMap<u32, Ste>,
+}
+
+impl ModelState {
+    /// Every register at its reset value (QEMU's), as after power-on.
+    fn reset_registers(&mut self) {
+        self.cr0 = 0;
+        self.cr0ack = 0;
+        self.cr1 = 0;
+        self.cr2 = 0;
+        self.gbpa = GBPA_RESET;
+        self.irq_ctrl = 0;
+        self.irq_ctrlack = 0;
+        self.gerror = 0;
+        self.gerrorn = 0;
+        self.gerror_irq_cfg0 = 0;
+        self.eventq_irq_cfg0 = 0;
+        self.strtab_base = 0;
+        self.strtab_base_cfg = 0;
+        self.cmdq_base = 0;
+        self.cmdq_prod = 0;
+        self.cmdq_cons = 0;
+        self.eventq_base = 0;
+        self.eventq_prod = 0;
+        self.eventq_cons = 0;
+    }
 }
 
 /// The model SMMU.
@@ -180,6 +221,10 @@ const CR0_SMMUEN: u32 = 1;
 const CR0_EVENTQEN: u32 = 1 << 2;
 const CR0_CMDQEN: u32 = 1 << 3;
 const GBPA_UPDATE: u32 = 1 << 31;
+/// QEMU's GBPA reset value: bypass, SHCFG = incoming.
+pub(crate) const GBPA_RESET: u32 = 0x1000;
+const IRQ_CTRL_GERROR_IRQEN: u32 = 1;
+const IRQ_CTRL_EVENTQ_IRQEN: u32 = 1 << 2;
 
 impl SmmuModel {
     pub(crate) fn new(mem: std::sync::Arc<HostDma>, idr: [u32; 6]) -> SmmuModel {
@@ -190,7 +235,7 @@ impl SmmuModel {
                 cr0ack: 0,
                 cr1: 0,
                 cr2: 0,
-                gbpa: 0x1000, // QEMU's reset value: bypass, SHCFG = incoming
+                gbpa: GBPA_RESET,
                 irq_ctrl: 0,
                 irq_ctrlack: 0,
                 gerror: 0,
@@ -215,6 +260,9 @@ impl SmmuModel {
                 executed: Vec::new(),
                 errors: Vec::new(),
                 violations: Vec::new(),
+                powered: true,
+                power_losses: 0,
+                ste_cache: BTreeMap::new(),
             }),
             mem,
         }
@@ -227,6 +275,43 @@ impl SmmuModel {
     /// Runs `f` on the state.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut ModelState) -> R) -> R {
         f(&mut self.st.lock().unwrap())
+    }
+
+    /// Power collapse: every register is lost (reads as its reset value once powered again),
+    /// and so is the configuration cache. Register accesses are violations until `power_on`.
+    /// Memory (tables, queues) is kept.
+    pub(crate) fn power_off(&self) {
+        let mut s = self.st.lock().unwrap();
+        s.reset_registers();
+        s.ste_cache.clear();
+        s.powered = false;
+        s.power_losses += 1;
+    }
+
+    /// Power back on: registers at their reset values.
+    pub(crate) fn power_on(&self) {
+        self.st.lock().unwrap().powered = true;
+    }
+
+    /// `power_off` then `power_on`.
+    pub(crate) fn power_cycle(&self) {
+        self.power_off();
+        self.power_on();
+    }
+
+    /// The STE a transaction from `sid` would use now: the cached one, or fetched through the
+    /// stream table (and cached). `None` while translation is off (SMMUEN = 0, or no power) or
+    /// when `sid` has no STE (out of range, no level-2 table).
+    pub(crate) fn cached_ste(&self, s: &mut ModelState, sid: u32) -> Option<Ste> {
+        if !s.powered || s.cr0ack & CR0_SMMUEN == 0 {
+            return None;
+        }
+        if let Some(ste) = s.ste_cache.get(&sid) {
+            return Some(*ste);
+        }
+        let ste = self.fetch_ste(s, sid)?;
+        s.ste_cache.insert(sid, ste);
+        Some(ste)
     }
 
     fn cmdq_log2(s: &ModelState) -> u32 {
@@ -297,7 +382,26 @@ impl SmmuModel {
                 (Command::CfgiSte { .. } | Command::Sync { .. }, Some(w)) => self.fetch_ste(s, w),
                 _ => None,
             };
-            s.executed.push(Executed { cmd, index, ste });
+            match cmd {
+                Command::CfgiAll => s.ste_cache.clear(),
+                Command::CfgiSte { sid, .. } => {
+                    s.ste_cache.remove(&sid);
+                }
+                Command::CfgiSteRange { sid, range } => {
+                    let n = 2u64 << range;
+                    let first = u64::from(sid) & !(n - 1);
+                    s.ste_cache
+                        .retain(|&k, _| !(first..first + n).contains(&u64::from(k)));
+                }
+                _ => {}
+            }
+            let at_write = s.writes.len();
+            s.executed.push(Executed {
+                cmd,
+                index,
+                ste,
+                at_write,
+            });
             // Like QEMU (`queue_cons_incr` deposits only the index and wrap bits), a CONS.ERR
             // left from an earlier, acknowledged error stays set.
             s.cmdq_cons =
@@ -309,7 +413,7 @@ impl SmmuModel {
     /// disabled, or full: then the overflow flag toggles, once until acknowledged).
     pub(crate) fn inject_event(&self, rec: [u64; 4]) -> bool {
         let mut s = self.st.lock().unwrap();
-        if s.cr0 & CR0_EVENTQEN == 0 {
+        if !s.powered || s.cr0 & CR0_EVENTQEN == 0 {
             return false;
         }
         let log2 = Self::evtq_log2(&s);
@@ -335,7 +439,11 @@ impl SmmuModel {
 
 impl SmmuMmio for SmmuModel {
     fn read32(&self, o: u64) -> u32 {
-        let s = self.st.lock().unwrap();
+        let mut s = self.st.lock().unwrap();
+        if !s.powered {
+            Self::violation(&mut s, format!("32-bit read {o:#x} while powered off"));
+            return 0;
+        }
         match o {
             off::IDR0..=off::IDR5 => s.idr[(o / 4) as usize],
             off::AIDR => 1,
@@ -359,6 +467,10 @@ impl SmmuMmio for SmmuModel {
 
     fn write32(&self, o: u64, v: u32) {
         let mut s = self.st.lock().unwrap();
+        if !s.powered {
+            Self::violation(&mut s, format!("32-bit write {o:#x} while powered off"));
+            return;
+        }
         s.writes.push((o, v.into()));
         let enabled = s.cr0ack & CR0_SMMUEN != 0;
         match o {
@@ -419,7 +531,11 @@ impl SmmuMmio for SmmuModel {
     }
 
     fn read64(&self, o: u64) -> u64 {
-        let s = self.st.lock().unwrap();
+        let mut s = self.st.lock().unwrap();
+        if !s.powered {
+            Self::violation(&mut s, format!("64-bit read {o:#x} while powered off"));
+            return 0;
+        }
         match o {
             off::STRTAB_BASE => s.strtab_base,
             off::CMDQ_BASE => s.cmdq_base,
@@ -432,6 +548,10 @@ impl SmmuMmio for SmmuModel {
 
     fn write64(&self, o: u64, v: u64) {
         let mut s = self.st.lock().unwrap();
+        if !s.powered {
+            Self::violation(&mut s, format!("64-bit write {o:#x} while powered off"));
+            return;
+        }
         s.writes.push((o, v));
         match o {
             off::STRTAB_BASE if s.cr0ack & CR0_SMMUEN != 0 => {
@@ -446,6 +566,14 @@ impl SmmuMmio for SmmuModel {
                 Self::violation(&mut s, "EVENTQ_BASE written with EVENTQEN=1".into())
             }
             off::EVENTQ_BASE => s.eventq_base = v,
+            // An interrupt's configuration may only change while it is disabled (IRQ_CTRL and
+            // IRQ_CTRLACK both clear).
+            off::GERROR_IRQ_CFG0 if (s.irq_ctrl | s.irq_ctrlack) & IRQ_CTRL_GERROR_IRQEN != 0 => {
+                Self::violation(&mut s, "GERROR_IRQ_CFG0 written with GERROR_IRQEN=1".into())
+            }
+            off::EVENTQ_IRQ_CFG0 if (s.irq_ctrl | s.irq_ctrlack) & IRQ_CTRL_EVENTQ_IRQEN != 0 => {
+                Self::violation(&mut s, "EVENTQ_IRQ_CFG0 written with EVENTQ_IRQEN=1".into())
+            }
             off::GERROR_IRQ_CFG0 => s.gerror_irq_cfg0 = v,
             off::EVENTQ_IRQ_CFG0 => s.eventq_irq_cfg0 = v,
             _ => Self::violation(&mut s, format!("unexpected 64-bit write {o:#x}")),
