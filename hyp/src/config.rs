@@ -134,6 +134,9 @@ pub struct VmConfig {
     pub payload_name: &'static str,
     /// The payload image (raw arm64 Image), copied into guest RAM at boot.
     pub payload: &'static [u8],
+    /// An initramfs for the payload (Linux), copied into guest RAM and named in `/chosen`
+    /// (`linux,initrd-start`/`-end`); empty for none.
+    pub initrd: &'static [u8],
     /// Kernel command line for `/chosen/bootargs`; `None` keeps the bootloader's.
     pub bootargs: Option<&'static str>,
     /// Offer the hypervisor's test hypercalls to this VM (stage-2 unmap and remap of its own

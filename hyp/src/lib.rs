@@ -20,3 +20,4 @@ pub mod run;
 pub mod smmu;
 pub mod trap;
 pub mod vdev;
+pub mod vgic;

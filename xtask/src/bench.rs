@@ -1,9 +1,11 @@
-//! `cargo xtask bench`: runs the host benchmarks of the hypervisor's portable code and says where
-//! their results are.
+//! `cargo xtask bench`: runs the host benchmarks of the hypervisor's portable code and the Linux
+//! benchmark under QEMU, and says where their results are.
 //!
-//! Each benchmark is a `harness = false` bench target of the `hyp` crate, built with cargo's
-//! bench (release) profile. It prints a table and writes JSON to the path in its environment
-//! variable `<NAME>_BENCH_JSON` (upper case), which xtask points at `target/bench/<name>.json`.
+//! Each host benchmark is a `harness = false` bench target of the `hyp` crate, built with
+//! cargo's bench (release) profile. It prints a table and writes JSON to the path in its
+//! environment variable `<NAME>_BENCH_JSON` (upper case), which xtask points at
+//! `target/bench/<name>.json`. `linux` is no bench target: xtask boots Linux under QEMU itself
+//! (see `linux_bench.rs`) and writes `target/bench/linux.json`.
 
 use std::path::PathBuf;
 
@@ -11,8 +13,8 @@ use anyhow::{Result, bail};
 
 use crate::util;
 
-/// The benchmarks there are: bench targets of the `hyp` crate.
-pub const BENCHES: &[&str] = &["stage2", "cmdq", "power"];
+/// The benchmarks there are: bench targets of the `hyp` crate, and `linux` (QEMU boots).
+pub const BENCHES: &[&str] = &["stage2", "cmdq", "power", "linux"];
 
 /// Where benchmark `name` writes its JSON.
 pub fn json_path(name: &str) -> PathBuf {
@@ -46,6 +48,10 @@ pub fn select(names: &[String]) -> Result<Vec<&'static str>> {
 pub fn run(names: &[String]) -> Result<()> {
     let benches = select(names)?;
     for name in &benches {
+        if *name == "linux" {
+            crate::linux_bench::run()?;
+            continue;
+        }
         let json = json_path(name);
         if let Some(dir) = json.parent() {
             std::fs::create_dir_all(dir)?;
@@ -170,7 +176,11 @@ mod tests {
 
     #[test]
     fn selects_benches() {
-        assert_eq!(select(&[]).unwrap(), vec!["stage2", "cmdq", "power"]);
+        assert_eq!(
+            select(&[]).unwrap(),
+            vec!["stage2", "cmdq", "power", "linux"]
+        );
+        assert_eq!(select(&["linux".into()]).unwrap(), vec!["linux"]);
         assert_eq!(select(&["cmdq".into()]).unwrap(), vec!["cmdq"]);
         assert_eq!(
             select(&["stage2".into(), "stage2".into()]).unwrap(),

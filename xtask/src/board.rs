@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Deserializer, de};
@@ -21,6 +21,11 @@ pub const MIN_FIRST_REGION: u64 = 4 << 20;
 pub const MIN_HYP_POOL: u64 = 4 << 20;
 /// Page size: every address and size must be a multiple of it.
 pub const PAGE: u64 = 4 << 10;
+/// The payload that is not a crate under `guests/`: Debian's arm64 kernel with the initramfs
+/// `xtask/src/linux.rs` builds (embedded as the VM's initrd).
+pub const LINUX_PAYLOAD: &str = "linux";
+/// Sector size: a scratch disk's size must be a multiple of it.
+const SECTOR: u64 = 512;
 
 /// The board file as written (after parsing, before validation).
 #[derive(Clone, Debug, Deserialize)]
@@ -108,6 +113,21 @@ pub struct QemuSection {
     /// Extra `-device` values (e.g. the PCI DMA masters the VMs own).
     #[serde(default)]
     pub devices: Vec<String>,
+    /// Scratch disks: set in code by board variants (the Linux guest's virtio-blk disk), never
+    /// read from a board file, because their paths are build outputs.
+    #[serde(skip)]
+    pub disks: Vec<Disk>,
+}
+
+/// A scratch disk image QEMU attaches: created fresh (zeroed, sparse) before every run by
+/// [`crate::qemu::command`], and attached with `args` (`-drive ...`, `-device ...`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// Bytes; a non-zero multiple of 512.
+    pub size: u64,
+    /// The QEMU arguments that attach it.
+    pub args: Vec<String>,
 }
 
 /// `[[vm]]`
@@ -291,6 +311,8 @@ pub struct Qemu {
     pub memory: u64,
     /// Extra `-device` values.
     pub devices: Vec<String>,
+    /// Scratch disks (set in code, see [`QemuSection::disks`]).
+    pub disks: Vec<Disk>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -554,12 +576,33 @@ impl BoardFile {
                     0
                 }
             };
+            for (i, d) in q.disks.iter().enumerate() {
+                if !d.path.is_absolute() {
+                    e.push(
+                        format!("qemu.disks[{i}].path"),
+                        format!("{} is not an absolute path", d.path.display()),
+                    );
+                }
+                if d.size == 0 || !d.size.is_multiple_of(SECTOR) {
+                    e.push(
+                        format!("qemu.disks[{i}].size"),
+                        format!("{:#x} is not a non-zero multiple of 512", d.size),
+                    );
+                }
+                if d.args.is_empty() {
+                    e.push(
+                        format!("qemu.disks[{i}].args"),
+                        "a disk needs the QEMU arguments that attach it",
+                    );
+                }
+            }
             Qemu {
                 machine: q.machine.clone(),
                 cpu: q.cpu.clone(),
                 smp: q.smp,
                 memory,
                 devices: q.devices.clone(),
+                disks: q.disks.clone(),
             }
         });
 
@@ -877,6 +920,8 @@ fn check_vm(e: &mut Errors, i: usize, v: &VmSection, guests_dir: &Path) -> Vm {
     }
     if v.payload.trim().is_empty() {
         e.push(f("payload"), "must not be empty");
+    } else if v.payload == LINUX_PAYLOAD {
+        // Not a crate: Debian's kernel and our initramfs (`xtask/src/linux.rs`).
     } else if v.payload.contains(['/', '\\']) || v.payload.starts_with('.') {
         e.push(
             f("payload"),
@@ -1170,6 +1215,7 @@ memory = [{ ipa = 0x8000_0000, pa = 0x5800_0000, size = 0x400_0000 }]
                 smp: 4,
                 memory: 1 << 30,
                 devices: vec![],
+                disks: vec![],
             })
         );
         assert_eq!(b.vms.len(), 2);
@@ -1625,6 +1671,34 @@ memory = [{ ipa = 0x8000_0000, pa = 0x5800_0000, size = 0x400_0000 }]
         let mut b = good();
         b.vm[0].payload = String::new();
         assert_err(&b, "vm[0].payload", "empty");
+        // `linux` is no crate but Debian's kernel with our initramfs.
+        let mut b = good();
+        b.vm[0].payload = LINUX_PAYLOAD.into();
+        assert_eq!(b.validate(FILE, &guests()).unwrap().vms[0].payload, "linux");
+    }
+
+    #[test]
+    fn scratch_disks() {
+        let disk = |path: &str, size: u64, args: &[&str]| Disk {
+            path: path.into(),
+            size,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        let mut b = good();
+        let ok = disk("/tmp/d.img", 1 << 20, &["-drive", "file=/tmp/d.img"]);
+        b.qemu.as_mut().unwrap().disks = vec![ok.clone()];
+        assert_eq!(
+            b.validate(FILE, &guests()).unwrap().qemu.unwrap().disks,
+            [ok]
+        );
+        b.qemu.as_mut().unwrap().disks = vec![disk("d.img", 1000, &[])];
+        assert_err(&b, "qemu.disks[0].path", "not an absolute path");
+        assert_err(&b, "qemu.disks[0].size", "multiple of 512");
+        assert_err(&b, "qemu.disks[0].args", "QEMU arguments");
+        // Not part of the board file's schema.
+        let text = GOOD.replace("smp = 4\n", "smp = 4\ndisks = []\n");
+        let e = parse(&text, FILE).unwrap_err().to_string();
+        assert!(e.contains("unknown field `disks`"), "{e}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn clippy_hyp() -> Result<()> {
     let root = util::root();
     let (file, source) = board::load(&root, systest::BOARD)?;
     let board = file.validate(&source, &root.join("guests"))?;
-    let payloads = image::build_guests(&board, Profile::Release)?;
+    let payloads = image::build_payloads(&board, Profile::Release)?;
     let config = image::write_config(&board, &source, "clippy", &payloads)?;
     let mut cmd = cargo();
     cmd.args(["clippy", "-p", "hyp", "--target", HYP_TARGET])
@@ -107,7 +107,8 @@ pub struct TestPlan {
     pub qemu: bool,
     /// Scenario names; empty means all.
     pub only: Vec<String>,
-    pub timeout: Duration,
+    /// Per-test QEMU timeout; `None`: each test's own.
+    pub timeout: Option<Duration>,
     /// Long randomised runs.
     pub long: bool,
 }

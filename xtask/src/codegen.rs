@@ -10,12 +10,31 @@ use anyhow::{Context, Result};
 
 use crate::board::{Bdf, Board, Exit, SmmuPower, Window};
 
-/// Generates the config file. `payloads` maps each payload name to its raw image (absolute
-/// path); `source` is the board file, named in the header comment.
+/// The files a payload embeds (absolute paths).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payload {
+    /// The raw image, copied into guest RAM 2 MiB in (`VmConfig::payload`).
+    pub image: PathBuf,
+    /// An initramfs for it (`VmConfig::initrd`; the `linux` payload has one).
+    pub initrd: Option<PathBuf>,
+}
+
+impl Payload {
+    /// A payload without an initramfs.
+    pub fn image(image: PathBuf) -> Self {
+        Payload {
+            image,
+            initrd: None,
+        }
+    }
+}
+
+/// Generates the config file. `payloads` maps each payload name to its files; `source` is the
+/// board file, named in the header comment.
 pub fn generate(
     board: &Board,
     source: &str,
-    payloads: &BTreeMap<String, PathBuf>,
+    payloads: &BTreeMap<String, Payload>,
 ) -> Result<String> {
     let mut s = String::new();
     let w = &mut s;
@@ -44,10 +63,10 @@ pub fn generate(
     smmu_power(w, board.smmu_power.as_ref());
     writeln!(w, "    vms: &[").unwrap();
     for vm in &board.vms {
-        let image = payloads
+        let payload = payloads
             .get(&vm.payload)
             .with_context(|| format!("no image for payload {:?}", vm.payload))?;
-        let image = absolute_str(image)?;
+        let image = absolute_str(&payload.image)?;
         writeln!(w, "        crate::config::VmConfig {{").unwrap();
         writeln!(w, "            name: {:?},", vm.name).unwrap();
         let cpus: Vec<String> = vm.cpus.iter().map(|c| c.to_string()).collect();
@@ -63,6 +82,15 @@ pub fn generate(
         writeln!(w, "            stream_ids: &[{}],", sids.join(", ")).unwrap();
         writeln!(w, "            payload_name: {:?},", vm.payload).unwrap();
         writeln!(w, "            payload: include_bytes!({image:?}),").unwrap();
+        match &payload.initrd {
+            Some(p) => writeln!(
+                w,
+                "            initrd: include_bytes!({:?}),",
+                absolute_str(p)?
+            )
+            .unwrap(),
+            None => writeln!(w, "            initrd: &[],").unwrap(),
+        }
         match &vm.bootargs {
             Some(b) => writeln!(w, "            bootargs: Some({b:?}),").unwrap(),
             None => writeln!(w, "            bootargs: None,").unwrap(),
@@ -219,6 +247,7 @@ mod tests {
                 smp: 4,
                 memory: 1 << 30,
                 devices: vec![],
+                disks: vec![],
             }),
             smmu_power: Some(SmmuPower {
                 autosuspend_ms: 20,
@@ -228,10 +257,10 @@ mod tests {
         }
     }
 
-    fn payloads() -> BTreeMap<String, PathBuf> {
+    fn payloads() -> BTreeMap<String, Payload> {
         [(
             "selftest".to_string(),
-            PathBuf::from("/tmp/x \"y\"/selftest.bin"),
+            Payload::image(PathBuf::from("/tmp/x \"y\"/selftest.bin")),
         )]
         .into()
     }
@@ -260,6 +289,7 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
             stream_ids: &[0x8, 0x9],
             payload_name: "selftest",
             payload: include_bytes!("/tmp/x \"y\"/selftest.bin"),
+            initrd: &[],
             bootargs: Some("selftest.tests=all \"quoted\" \\ back"),
             test_services: false,
             power_controller_ipa: Some(0xc000000),
@@ -275,6 +305,7 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
             stream_ids: &[],
             payload_name: "selftest",
             payload: include_bytes!("/tmp/x \"y\"/selftest.bin"),
+            initrd: &[],
             bootargs: None,
             test_services: false,
             power_controller_ipa: None,
@@ -326,8 +357,41 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
     #[test]
     fn missing_or_relative_payload_is_an_error() {
         assert!(generate(&board(), "f", &BTreeMap::new()).is_err());
-        let rel = [("selftest".to_string(), PathBuf::from("target/selftest.bin"))].into();
+        let rel = [(
+            "selftest".to_string(),
+            Payload::image(PathBuf::from("target/selftest.bin")),
+        )]
+        .into();
         assert!(generate(&board(), "f", &rel).is_err());
+        let rel_initrd = [(
+            "selftest".to_string(),
+            Payload {
+                image: "/a/selftest.bin".into(),
+                initrd: Some("initrd.cpio".into()),
+            },
+        )]
+        .into();
+        assert!(generate(&board(), "f", &rel_initrd).is_err());
+    }
+
+    #[test]
+    fn linux_payload_embeds_its_initrd() {
+        let mut b = board();
+        b.vms[0].payload = "linux".into();
+        let mut p = payloads();
+        p.insert(
+            "linux".into(),
+            Payload {
+                image: "/t/linux/Image".into(),
+                initrd: Some("/t/linux/initramfs.cpio".into()),
+            },
+        );
+        let text = generate(&b, "f", &p).unwrap();
+        assert!(text.contains(
+            "            payload_name: \"linux\",\n            payload: include_bytes!(\"/t/linux/Image\"),\n            initrd: include_bytes!(\"/t/linux/initramfs.cpio\"),\n"
+        ), "{text}");
+        // vm1 keeps its payload without an initrd.
+        assert_eq!(text.matches("initrd: &[],").count(), 1);
     }
 
     /// Compiles the generated text against the real `hyp/src/config.rs` with the host rustc, so
@@ -339,9 +403,23 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
         std::fs::create_dir_all(&dir).unwrap();
         let payload = dir.join("payload.bin");
         std::fs::write(&payload, [1u8, 2, 3]).unwrap();
-        let payloads = [("selftest".to_string(), payload)].into();
+        let initrd = dir.join("initrd.cpio");
+        std::fs::write(&initrd, [4u8, 5]).unwrap();
+        let mut b = board();
+        b.vms[1].payload = "linux".into();
+        let payloads = [
+            ("selftest".to_string(), Payload::image(payload.clone())),
+            (
+                "linux".to_string(),
+                Payload {
+                    image: payload,
+                    initrd: Some(initrd),
+                },
+            ),
+        ]
+        .into();
         let generated = dir.join("board.rs");
-        std::fs::write(&generated, generate(&board(), "f", &payloads).unwrap()).unwrap();
+        std::fs::write(&generated, generate(&b, "f", &payloads).unwrap()).unwrap();
         let config = root.join("hyp/src/config.rs");
         let main = dir.join("main.rs");
         std::fs::write(
@@ -354,6 +432,8 @@ pub static BOARD: crate::config::BoardConfig = crate::config::BoardConfig {
                      let b = &generated::BOARD;\n\
                      assert_eq!(b.vms.len(), 2);\n\
                      assert_eq!(b.vms[0].payload, &[1, 2, 3]);\n\
+                     assert!(b.vms[0].initrd.is_empty());\n\
+                     assert_eq!(b.vms[1].initrd, &[4, 5]);\n\
                      assert_eq!(b.vms[0].pci[0].bdf(), 8);\n\
                      assert_eq!(b.vms[1].ram_size(), 0x400_0000);\n\
                  }}\n",

@@ -1,7 +1,9 @@
 //! Building a bootable image for a board: guests, generated config, hypervisor, objcopy.
 //!
 //! Layout under `target/images/`:
-//! - `guests/<payload>.bin` (`<payload>-debug.bin` for `--debug`): raw guest images;
+//! - `guests/<payload>.bin` (`<payload>-debug.bin` for `--debug`): raw guest images (the
+//!   `linux` payload is Debian's kernel Image and the initramfs under `target/linux/`, see
+//!   `linux.rs`);
 //! - `<board>/<variant>.config.rs`: the generated config (`HYP_BOARD_CONFIG`);
 //! - `<board>/<variant>.elf` and `<board>/<variant>.bin`: the hypervisor ELF (for GDB) and the
 //!   bootable arm64 Image. The variant is `hyp` for `cargo xtask build`/`run` and
@@ -12,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::board::Board;
-use crate::codegen;
+use crate::board::{Board, LINUX_PAYLOAD};
+use crate::codegen::{self, Payload};
+use crate::linux;
 use crate::util::{self, cargo, human, rel};
 
 /// Target of the hypervisor (softfloat: hypervisor code never touches the guest's FP/SIMD).
@@ -114,11 +117,33 @@ fn to_binary(objcopy: &Path, elf: &Path, bin: &Path) -> Result<u64> {
     Ok(new.len() as u64)
 }
 
-/// Builds every payload the board names and returns payload name → raw image.
-pub fn build_guests(board: &Board, profile: Profile) -> Result<BTreeMap<String, PathBuf>> {
+/// Builds every payload the board names and returns payload name → its files: the guest crates
+/// (objcopied to raw images) and, for `linux`, the fetched kernel and the initramfs (checked to
+/// fit each Linux VM's first memory region).
+pub fn build_payloads(board: &Board, profile: Profile) -> Result<BTreeMap<String, Payload>> {
     let mut names: Vec<&str> = board.vms.iter().map(|v| v.payload.as_str()).collect();
     names.sort();
     names.dedup();
+    let mut map = BTreeMap::new();
+    if names.contains(&LINUX_PAYLOAD) {
+        let p = linux::payload(&linux::default_cache())?;
+        let kernel = linux::image_size(&p.packages.image)?;
+        let initrd = std::fs::metadata(&p.initrd)?.len();
+        for vm in board.vms.iter().filter(|v| v.payload == LINUX_PAYLOAD) {
+            linux::check_fits(vm, kernel, initrd)?;
+        }
+        map.insert(
+            LINUX_PAYLOAD.to_owned(),
+            Payload {
+                image: p.packages.image,
+                initrd: Some(p.initrd),
+            },
+        );
+    }
+    names.retain(|n| *n != LINUX_PAYLOAD);
+    if names.is_empty() {
+        return Ok(map);
+    }
     let mut cmd = cargo();
     cmd.arg("build");
     for n in &names {
@@ -129,7 +154,6 @@ pub fn build_guests(board: &Board, profile: Profile) -> Result<BTreeMap<String, 
     util::run(&mut cmd)?;
     let objcopy = objcopy()?;
     let out = util::target_dir().join(GUEST_TARGET).join(profile.dir());
-    let mut map = BTreeMap::new();
     for n in names {
         let elf = out.join(n);
         if !elf.is_file() {
@@ -143,9 +167,72 @@ pub fn build_guests(board: &Board, profile: Profile) -> Result<BTreeMap<String, 
             .join(format!("{n}{}.bin", profile.suffix()));
         let size = to_binary(&objcopy, &elf, &bin)?;
         eprintln!("guest {n}: {} ({})", rel(&bin), human(size));
-        map.insert(n.to_owned(), bin);
+        map.insert(n.to_owned(), Payload::image(bin));
     }
     Ok(map)
+}
+
+/// Where [`build_payloads`] puts each payload, without building anything (for `cargo xtask
+/// config`). The `linux` payload is named by the cache's paths once fetched, else by where the
+/// Image will be.
+pub fn payload_paths(board: &Board, profile: Profile) -> BTreeMap<String, Payload> {
+    board
+        .vms
+        .iter()
+        .map(|v| {
+            let p = if v.payload == LINUX_PAYLOAD {
+                let cache = linux::default_cache();
+                Payload {
+                    image: linux::cached_image(&cache).unwrap_or_else(|| cache.join("Image")),
+                    initrd: Some(cache.join("initramfs.cpio")),
+                }
+            } else {
+                Payload::image(images_dir().join("guests").join(format!(
+                    "{}{}.bin",
+                    v.payload,
+                    profile.suffix()
+                )))
+            };
+            (v.payload.clone(), p)
+        })
+        .collect()
+}
+
+/// Where QEMU puts an arm64 Image (`-kernel`): 2 MiB into RAM.
+pub const QEMU_LOAD_OFFSET: u64 = 2 << 20;
+
+/// Checks that the hypervisor image as QEMU loads it, plus its pool (2 MiB aligned after the
+/// image), ends below the DTB and inside the board's reserved range. QEMU's `virt` puts the DTB
+/// at RAM + min(RAM / 2, 128 MiB) when no initrd is given (after the image if the image reaches
+/// past that, where the pool would then collide with it). `image_size` is the image's memory
+/// footprint (header field `image_size`: file, `.bss` and boot stack).
+pub fn check_qemu_layout(board: &Board, image_size: u64) -> Result<()> {
+    let (Some(q), Some(ram)) = (&board.qemu, board.ram.first()) else {
+        return Ok(());
+    };
+    let base = ram.pa + QEMU_LOAD_OFFSET;
+    let pool_end = (base + image_size).next_multiple_of(2 << 20) + board.hyp_pool;
+    let dtb = ram.pa + (q.memory / 2).min(128 << 20);
+    if pool_end > dtb {
+        bail!(
+            "the hypervisor image ({}) at {base:#x} and its {} pool end at {pool_end:#x}, past \
+             where QEMU puts the DTB ({dtb:#x}): make the image or board.hyp_pool smaller",
+            human(image_size),
+            human(board.hyp_pool)
+        );
+    }
+    let covered = board
+        .reserved
+        .iter()
+        .any(|r| r.pa <= base && pool_end <= r.pa + r.size);
+    if !board.reserved.is_empty() && !covered {
+        bail!(
+            "the hypervisor image ({}) at {base:#x} and its pool end at {pool_end:#x}, outside \
+             board.reserved: VM memory could be placed over them",
+            human(image_size)
+        );
+    }
+    Ok(())
 }
 
 /// Writes the generated config for `variant` and returns its path.
@@ -153,7 +240,7 @@ pub fn write_config(
     board: &Board,
     source: &str,
     variant: &str,
-    payloads: &BTreeMap<String, PathBuf>,
+    payloads: &BTreeMap<String, Payload>,
 ) -> Result<PathBuf> {
     let text = codegen::generate(board, source, payloads)?;
     let path = images_dir()
@@ -165,7 +252,7 @@ pub fn write_config(
 
 /// Builds guests, config and hypervisor, and objcopies the image.
 pub fn build(board: &Board, source: &str, variant: &str, profile: Profile) -> Result<Image> {
-    let payloads = build_guests(board, profile)?;
+    let payloads = build_payloads(board, profile)?;
     let config = write_config(board, source, variant, &payloads)?;
     eprintln!("config: {}", rel(&config));
 
@@ -186,8 +273,9 @@ pub fn build(board: &Board, source: &str, variant: &str, profile: Profile) -> Re
         .with_context(|| format!("copying {} to {}", built.display(), elf.display()))?;
     let bin = dir.join(format!("{variant}.bin"));
     let size = to_binary(&objcopy()?, &elf, &bin)?;
-    let head = std::fs::read(&bin)?;
-    if head.get(0x38..0x3c) != Some(b"ARM\x64".as_slice()) {
+    if linux::is_arm64_image(&std::fs::read(&bin)?) {
+        check_qemu_layout(board, linux::image_size(&bin)?)?;
+    } else {
         eprintln!(
             "warning: {} has no arm64 Image header (\"ARM\\x64\" at 0x38); QEMU will not load it at 0x4020_0000",
             rel(&bin)
@@ -195,4 +283,57 @@ pub fn build(board: &Board, source: &str, variant: &str, profile: Profile) -> Re
     }
     println!("image: {} ({}, {size} bytes)", rel(&bin), human(size));
     Ok(Image { bin, elf })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::board::{Exit, PhysRange, Qemu};
+
+    fn qemu_board(hyp_pool: u64) -> Board {
+        Board {
+            name: "qemu-virt".into(),
+            exit: Exit::Semihosting,
+            early_console: None,
+            hyp_pool,
+            ram: vec![PhysRange {
+                pa: 0x4000_0000,
+                size: 1 << 30,
+            }],
+            reserved: vec![PhysRange {
+                pa: 0x4000_0000,
+                size: 256 << 20,
+            }],
+            qemu: Some(Qemu {
+                machine: "virt".into(),
+                cpu: "max".into(),
+                smp: 4,
+                memory: 1 << 30,
+                devices: vec![],
+                disks: vec![],
+            }),
+            smmu_power: None,
+            vms: vec![],
+        }
+    }
+
+    #[test]
+    fn qemu_layout() {
+        let b = qemu_board(32 << 20);
+        // The Linux variant: hypervisor + Debian's Image (~33 MB) + initramfs (~2 MB).
+        check_qemu_layout(&b, 36 << 20).unwrap();
+        // 0x4020_0000 + 94M = 0x4600_0000, + 32M pool = 0x4800_0000: exactly up to the DTB.
+        check_qemu_layout(&b, 94 << 20).unwrap();
+        let e = check_qemu_layout(&b, (94 << 20) + 4096)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DTB (0x48000000)"), "{e}");
+        let mut small = qemu_board(32 << 20);
+        small.reserved[0].size = 64 << 20;
+        let e = check_qemu_layout(&small, 36 << 20).unwrap_err().to_string();
+        assert!(e.contains("outside board.reserved"), "{e}");
+        let mut hw = qemu_board(32 << 20);
+        hw.qemu = None;
+        check_qemu_layout(&hw, 1 << 30).unwrap();
+    }
 }

@@ -8,8 +8,11 @@ mod bench;
 mod board;
 mod ci;
 mod codegen;
+mod cpio;
 mod fdt;
 mod image;
+mod linux;
+mod linux_bench;
 mod qemu;
 mod systest;
 mod util;
@@ -59,7 +62,8 @@ enum Cmd {
         /// Start QEMU halted with a GDB server on localhost:1234 (-s -S).
         #[arg(long)]
         gdb: bool,
-        /// Kill QEMU after this many seconds; 0 = never. Default 120, or never with --gdb.
+        /// Kill QEMU after this many seconds; 0 = never. Default 120, or never with --gdb or
+        /// --guest linux.
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
     },
@@ -75,14 +79,15 @@ enum Cmd {
         /// Only the QEMU system tests.
         #[arg(long)]
         qemu_only: bool,
-        /// Per-test QEMU timeout in seconds.
-        #[arg(long, value_name = "SECS", default_value_t = 120)]
-        timeout: u64,
+        /// Per-test QEMU timeout in seconds (default: each test's own, 120; 300 for linux).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         /// Long randomised runs too (the emulated SMMU's isolation test with 10^7 steps instead
         /// of 10^5).
         #[arg(long)]
         long: bool,
-        /// System tests to run (default: all): smp, abort, panic, bad-dtb, no-el2.
+        /// System tests to run (default: all): smp, power, abort, panic, bad-dtb, no-el2,
+        /// linux.
         scenarios: Vec<String>,
     },
     /// Run clippy with warnings denied: host crates, the hypervisor target and the guests.
@@ -93,11 +98,15 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// Run host benchmarks (release build) and write their results as JSON.
+    /// Run the benchmarks and write their results as JSON.
     ///
     /// Prints a table per benchmark and the path of its JSON (target/bench/<name>.json).
+    /// stage2, cmdq and power are host benchmarks (release build); linux boots Debian's kernel
+    /// under QEMU, alternately under the hypervisor and bare, and compares boot time and disk
+    /// read throughput (env: LINUX_BENCH_RUNS=<n per side, default 3>,
+    /// LINUX_BENCH_ONLY=hyp|bare, LINUX_BENCH_TIMEOUT=<s per boot, default 300>).
     Bench {
-        /// Benchmarks to run (default: all): stage2.
+        /// Benchmarks to run (default: all): stage2, cmdq, power, linux.
         names: Vec<String>,
     },
     /// Validate a board file and print the Rust config generated from it.
@@ -112,9 +121,21 @@ struct BoardArgs {
     /// Board: a folder under boards/ holding board.toml.
     #[arg(long, default_value = "qemu-virt")]
     board: String,
-    /// Use this guest (a crate under guests/) as every VM's payload.
+    /// Use this guest (a crate under guests/) as every VM's payload. `linux` instead turns
+    /// qemu-virt into its Linux variant: Debian's arm64 kernel with a busybox initramfs in vm0
+    /// (CPUs 0-1, 512M, a virtio-blk disk behind the SMMU), the selftest guest in vm1.
     #[arg(long, value_name = "NAME")]
     guest: Option<String>,
+    /// With --guest linux: what the initramfs's /init does (default: shell).
+    #[arg(long, value_enum, value_name = "MODE")]
+    linux_mode: Option<linux::Mode>,
+}
+
+impl BoardArgs {
+    /// Whether this selects the Linux variant.
+    fn linux(&self) -> bool {
+        self.guest.as_deref() == Some(board::LINUX_PAYLOAD)
+    }
 }
 
 #[derive(Args)]
@@ -141,8 +162,15 @@ impl ProfileArgs {
 fn load_board(args: &BoardArgs, smp: Option<u32>) -> Result<(board::Board, String)> {
     let root = util::root();
     let (mut file, source) = board::load(&root, &args.board)?;
-    if let Some(g) = &args.guest {
-        file.set_payload(g);
+    if args.linux_mode.is_some() && !args.linux() {
+        anyhow::bail!("--linux-mode needs --guest linux");
+    }
+    match &args.guest {
+        Some(_) if args.linux() => {
+            linux::variant(&mut file, args.linux_mode.unwrap_or(linux::Mode::Shell))?
+        }
+        Some(g) => file.set_payload(g),
+        None => {}
     }
     if let Some(n) = smp {
         file.set_smp(n)?;
@@ -191,7 +219,8 @@ fn real_main() -> Result<ExitCode> {
                     util::rel(&image.elf)
                 );
             }
-            let secs = timeout.unwrap_or(if gdb { 0 } else { 120 });
+            // A Linux shell waits for its user.
+            let secs = timeout.unwrap_or(if gdb || board.linux() { 0 } else { 120 });
             let outcome = qemu::run(
                 cmd,
                 &RunOptions {
@@ -220,7 +249,7 @@ fn real_main() -> Result<ExitCode> {
                 host: !qemu_only,
                 qemu: !no_qemu,
                 only: scenarios,
-                timeout: Duration::from_secs(timeout),
+                timeout: timeout.map(Duration::from_secs),
                 long,
             };
             Ok(if ci::test(&plan)? {
@@ -243,16 +272,7 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Config { board } => {
             let (b, source) = load_board(&board, None)?;
-            let payloads = b
-                .vms
-                .iter()
-                .map(|v| {
-                    let p = image::images_dir()
-                        .join("guests")
-                        .join(format!("{}.bin", v.payload));
-                    (v.payload.clone(), p)
-                })
-                .collect();
+            let payloads = image::payload_paths(&b, Profile::Release);
             print!("{}", codegen::generate(&b, &source, &payloads)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -300,5 +320,54 @@ mod tests {
         assert_eq!(profile.profile(), Profile::Debug);
         assert_eq!((smp, gdb, timeout), (Some(2), true, Some(0)));
         assert!(Cli::try_parse_from(["xtask", "build", "--release", "--debug"]).is_err());
+    }
+
+    #[test]
+    fn guest_linux_selects_the_variant() {
+        let cli = Cli::try_parse_from(["xtask", "run", "--guest", "linux"]).unwrap();
+        let Cmd::Run { board, .. } = cli.cmd else {
+            panic!("not run");
+        };
+        assert!(board.linux());
+        let (b, _) = load_board(&board, None).unwrap();
+        assert_eq!(b.vms[0].name, "linux");
+        assert_eq!(b.vms[0].payload, "linux");
+        assert!(
+            b.vms[0]
+                .bootargs
+                .as_deref()
+                .unwrap()
+                .contains("linuxtest.mode=shell")
+        );
+        assert_eq!(b.vms[1].payload, "selftest");
+
+        let cli =
+            Cli::try_parse_from(["xtask", "build", "--guest", "linux", "--linux-mode", "test"])
+                .unwrap();
+        let Cmd::Build { board, .. } = cli.cmd else {
+            panic!("not build");
+        };
+        let (b, _) = load_board(&board, None).unwrap();
+        assert!(
+            b.vms[0]
+                .bootargs
+                .as_deref()
+                .unwrap()
+                .contains("linuxtest.mode=test")
+        );
+
+        // Other guests replace every payload, as before; --linux-mode needs --guest linux.
+        let cli = Cli::try_parse_from(["xtask", "build", "--guest", "selftest"]).unwrap();
+        let Cmd::Build { board, .. } = cli.cmd else {
+            panic!("not build");
+        };
+        let (b, _) = load_board(&board, None).unwrap();
+        assert!(b.vms.iter().all(|v| v.payload == "selftest"));
+        let cli = Cli::try_parse_from(["xtask", "build", "--linux-mode", "bench"]).unwrap();
+        let Cmd::Build { board, .. } = cli.cmd else {
+            panic!("not build");
+        };
+        let e = load_board(&board, None).unwrap_err().to_string();
+        assert!(e.contains("--linux-mode needs --guest linux"), "{e}");
     }
 }

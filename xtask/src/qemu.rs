@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::board::{Board, Exit};
+use crate::board::{Board, Exit, Qemu};
 use crate::util;
 
 /// Oldest QEMU we accept (SMMUv3 with `virtualization=on` and GICv3 as we use them).
@@ -191,31 +191,54 @@ fn mem_arg(bytes: u64) -> String {
     }
 }
 
-/// The QEMU command line for a board: `-M -cpu -smp -m [-semihosting] -nographic -nic none
-/// -no-reboot -kernel`. Fails for a board without a `[qemu]` section.
+/// The QEMU command line for a board: `-M -cpu -smp -m [-semihosting] [-device ...] [disks]
+/// -nographic -nic none -no-reboot -kernel`. Creates the board's scratch disks afresh (zeroed),
+/// so every run starts from the same disk. Fails for a board without a `[qemu]` section.
 pub fn command(qemu: &Path, board: &Board, kernel: &Path) -> Result<Command> {
+    let mut cmd = machine_command(qemu, board)?;
+    cmd.arg("-kernel").arg(kernel);
+    Ok(cmd)
+}
+
+/// [`command`] without `-kernel`: the machine, its devices and disks (created afresh), and the
+/// console. For booting something else on the very same machine (the Linux benchmark's bare
+/// kernel).
+pub fn machine_command(qemu: &Path, board: &Board) -> Result<Command> {
     let Some(q) = &board.qemu else {
         bail!(
             "board {:?} has no [qemu] section: it cannot run under QEMU",
             board.name
         );
     };
+    for d in &q.disks {
+        crate::linux::disk_image(&d.path, d.size)?;
+    }
     let mut cmd = Command::new(qemu);
-    cmd.args(["-M", &q.machine, "-cpu", &q.cpu]).args([
-        "-smp",
-        &q.smp.to_string(),
-        "-m",
-        &mem_arg(q.memory),
-    ]);
-    if board.exit == Exit::Semihosting {
-        cmd.arg("-semihosting");
+    cmd.args(machine_args(q, board.exit == Exit::Semihosting));
+    Ok(cmd)
+}
+
+/// The arguments of [`machine_command`].
+fn machine_args(q: &Qemu, semihosting: bool) -> Vec<String> {
+    let mut a: Vec<String> = ["-M", &q.machine, "-cpu", &q.cpu, "-smp"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(q.smp.to_string());
+    a.push("-m".into());
+    a.push(mem_arg(q.memory));
+    if semihosting {
+        a.push("-semihosting".into());
     }
     for d in &q.devices {
-        cmd.args(["-device", d]);
+        a.push("-device".into());
+        a.push(d.clone());
     }
-    cmd.args(["-nographic", "-nic", "none", "-no-reboot", "-kernel"])
-        .arg(kernel);
-    Ok(cmd)
+    for d in &q.disks {
+        a.extend(d.args.iter().cloned());
+    }
+    a.extend(["-nographic", "-nic", "none", "-no-reboot"].map(String::from));
+    a
 }
 
 /// Dumps QEMU's own DTB for the board (same machine options) to `out`.
@@ -264,16 +287,74 @@ pub struct RunOptions {
 }
 
 /// How a QEMU run ended.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Outcome {
     /// Exit code; for a death by signal, 128 + the signal number; 124 after a timeout (whatever
     /// QEMU itself returned when it was stopped).
     pub code: i32,
     /// Everything QEMU wrote to stdout and stderr, interleaved as it came.
     pub output: String,
+    /// The same output as lines (without the line end), each with the time it was complete.
+    pub lines: Vec<Line>,
     pub duration: Duration,
     /// It was killed because it ran past the timeout.
     pub timed_out: bool,
+}
+
+/// One line of output and when xtask had read all of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    /// Since QEMU was started.
+    pub at: Duration,
+    /// Without the `\n` (or `\r\n`).
+    pub text: String,
+}
+
+impl Outcome {
+    /// When the first line holding `marker` was complete (since QEMU was started).
+    pub fn first_at(&self, marker: &str) -> Option<Duration> {
+        self.lines
+            .iter()
+            .find(|l| l.text.contains(marker))
+            .map(|l| l.at)
+    }
+}
+
+/// Splits output into timed lines as it arrives (one per stream: stdout and stderr each have
+/// their own partial line).
+struct LineSplitter {
+    start: Instant,
+    partial: Vec<u8>,
+    lines: Arc<Mutex<Vec<Line>>>,
+}
+
+impl LineSplitter {
+    fn push_line(&mut self, at: Duration) {
+        let text = String::from_utf8_lossy(&self.partial);
+        let text = text.strip_suffix('\r').unwrap_or(&text).to_owned();
+        self.partial.clear();
+        self.lines.lock().unwrap().push(Line { at, text });
+    }
+
+    /// A chunk that was read now.
+    fn feed(&mut self, chunk: &[u8]) {
+        let at = self.start.elapsed();
+        for &b in chunk {
+            if b == b'\n' {
+                self.push_line(at);
+            } else {
+                self.partial.push(b);
+            }
+        }
+    }
+
+    /// End of the stream: an unterminated last line counts too.
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let at = self.start.elapsed();
+            self.push_line(at);
+        }
+    }
 }
 
 fn code_of(status: ExitStatus) -> i32 {
@@ -320,11 +401,12 @@ impl Drop for Reaper {
     }
 }
 
-/// Copies `src` to our stdout or stderr as it arrives (with `prefix` at each line start) and
-/// into `sink`.
+/// Copies `src` to our stdout or stderr as it arrives (with `prefix` at each line start), into
+/// `sink` and, as timed lines, into `lines`.
 fn pump(
     mut src: impl Read + Send + 'static,
     sink: Arc<Mutex<Vec<u8>>>,
+    mut lines: LineSplitter,
     to_stderr: bool,
     echo: bool,
     prefix: Option<String>,
@@ -339,6 +421,7 @@ fn pump(
                 Ok(n) => n,
             };
             let chunk = &buf[..n];
+            lines.feed(chunk);
             sink.lock().unwrap().extend_from_slice(chunk);
             if !echo {
                 continue;
@@ -364,6 +447,7 @@ fn pump(
                 o.write_all(&echoed).and_then(|_| o.flush())
             };
         }
+        lines.finish();
         let _ = done.send(());
     });
 }
@@ -384,10 +468,17 @@ pub fn run(mut cmd: Command, opts: &RunOptions) -> Result<Outcome> {
         .spawn()
         .with_context(|| format!("could not start `{line}`"))?;
     let sink = Arc::new(Mutex::new(Vec::new()));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let splitter = || LineSplitter {
+        start,
+        partial: Vec::new(),
+        lines: lines.clone(),
+    };
     let (done, readers) = mpsc::channel();
     pump(
         child.stdout.take().unwrap(),
         sink.clone(),
+        splitter(),
         false,
         opts.echo,
         opts.prefix.clone(),
@@ -396,6 +487,7 @@ pub fn run(mut cmd: Command, opts: &RunOptions) -> Result<Outcome> {
     pump(
         child.stderr.take().unwrap(),
         sink.clone(),
+        splitter(),
         true,
         opts.echo,
         opts.prefix.clone(),
@@ -423,6 +515,8 @@ pub fn run(mut cmd: Command, opts: &RunOptions) -> Result<Outcome> {
         }
     }
     let output = String::from_utf8_lossy(&sink.lock().unwrap()).into_owned();
+    let mut lines = std::mem::take(&mut *lines.lock().unwrap());
+    lines.sort_by_key(|l| l.at);
     if timed_out {
         eprintln!(
             "QEMU killed after {:.1} s (timeout)",
@@ -436,6 +530,7 @@ pub fn run(mut cmd: Command, opts: &RunOptions) -> Result<Outcome> {
             status.map(code_of).unwrap_or(137)
         },
         output,
+        lines,
         duration,
         timed_out,
     })
@@ -502,6 +597,62 @@ mod tests {
         assert!(!o.timed_out);
         assert!(o.output.contains("out\n"));
         assert!(o.output.contains("err\n"));
+        let texts: Vec<&str> = o.lines.iter().map(|l| l.text.as_str()).collect();
+        assert!(
+            texts.contains(&"out") && texts.contains(&"err"),
+            "{texts:?}"
+        );
+    }
+
+    #[test]
+    fn runner_times_lines() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "printf 'first\\r\\n'; sleep 0.5; echo second; printf 'no newline'",
+        ]);
+        let o = run(
+            cmd,
+            &RunOptions {
+                timeout: Some(Duration::from_secs(30)),
+                prefix: None,
+                interactive: false,
+                echo: false,
+            },
+        )
+        .unwrap();
+        let texts: Vec<&str> = o.lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["first", "second", "no newline"]);
+        let first = o.first_at("first").unwrap();
+        let second = o.first_at("sec").unwrap();
+        assert!(
+            second >= first + Duration::from_millis(400),
+            "{first:?} {second:?}"
+        );
+        assert!(second <= o.duration);
+        assert_eq!(o.first_at("third"), None);
+    }
+
+    #[test]
+    fn machine_arguments() {
+        let q = Qemu {
+            machine: "virt".into(),
+            cpu: "max".into(),
+            smp: 4,
+            memory: 1 << 30,
+            devices: vec!["edu,addr=02.0".into()],
+            disks: vec![crate::board::Disk {
+                path: "/d.img".into(),
+                size: 512,
+                args: vec!["-drive".into(), "file=/d.img".into()],
+            }],
+        };
+        assert_eq!(
+            machine_args(&q, true).join(" "),
+            "-M virt -cpu max -smp 4 -m 1024M -semihosting -device edu,addr=02.0 \
+             -drive file=/d.img -nographic -nic none -no-reboot"
+        );
+        assert!(!machine_args(&q, false).contains(&"-semihosting".to_string()));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! QEMU system tests: each scenario takes the `qemu-virt` board, changes it in code (no copied
 //! board files), builds its own image (`target/images/qemu-virt/test-<name>.bin`), boots it and
 //! checks console markers and QEMU's exit status (the semihosting exit status of the hypervisor).
+//! The `linux` scenario uses the Linux variant of the board (`linux::variant`): Debian's kernel
+//! in vm0 with a virtio-blk disk behind the emulated SMMU, the selftest guest in vm1.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,11 +12,14 @@ use anyhow::{Context, Result};
 use crate::board::{self, BoardFile};
 use crate::fdt;
 use crate::image::{self, Profile};
+use crate::linux::{self, Mode};
 use crate::qemu::{self, Outcome, RunOptions};
 use crate::util::{self, rel};
 
 /// The board the system tests run on.
 pub const BOARD: &str = "qemu-virt";
+/// How long a scenario may run unless it says otherwise (or `--timeout` does).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One system test.
 pub struct Scenario {
@@ -26,6 +31,8 @@ pub struct Scenario {
     bad_dtb: bool,
     /// Checks a finished run; records every failed expectation.
     check: fn(&mut Checks),
+    /// QEMU is killed after this long (`cargo xtask test --timeout` overrides it).
+    pub timeout: Duration,
 }
 
 /// All scenarios, in the order they run.
@@ -67,6 +74,7 @@ pub const SCENARIOS: &[Scenario] = &[
             c.absent("FAIL");
             c.status(0);
         },
+        timeout: DEFAULT_TIMEOUT,
     },
     Scenario {
         name: "power",
@@ -89,6 +97,7 @@ pub const SCENARIOS: &[Scenario] = &[
             c.absent("FAIL");
             c.status(0);
         },
+        timeout: DEFAULT_TIMEOUT,
     },
     Scenario {
         name: "abort",
@@ -106,6 +115,7 @@ pub const SCENARIOS: &[Scenario] = &[
             c.absent("FAIL");
             c.status(0);
         },
+        timeout: DEFAULT_TIMEOUT,
     },
     Scenario {
         name: "panic",
@@ -116,6 +126,7 @@ pub const SCENARIOS: &[Scenario] = &[
             c.contains("[vm0] selftest: PANIC");
             c.status_nonzero();
         },
+        timeout: DEFAULT_TIMEOUT,
     },
     Scenario {
         name: "bad-dtb",
@@ -129,6 +140,7 @@ pub const SCENARIOS: &[Scenario] = &[
             );
             c.status(4);
         },
+        timeout: DEFAULT_TIMEOUT,
     },
     Scenario {
         name: "no-el2",
@@ -142,6 +154,38 @@ pub const SCENARIOS: &[Scenario] = &[
             );
             c.status(4);
         },
+        timeout: DEFAULT_TIMEOUT,
+    },
+    Scenario {
+        name: "linux",
+        about: "the Linux variant: Debian's arm64 kernel boots in vm0 (2 vCPUs, 512M), probes its \
+                emulated SMMUv3 with arm-smmu-v3 and writes, then reads back, a virtio-blk disk \
+                whose DMA its own SMMU translates; vm1 passes its selftest beside it",
+        setup: |b| linux::variant(b, Mode::Test),
+        bad_dtb: false,
+        check: |c| {
+            c.contains("[linux] LINUX-INIT");
+            c.line_with(
+                &["[linux] LINUX-SMMU", "arm-smmu-v3"],
+                "a `[linux] LINUX-SMMU` line from arm-smmu-v3",
+            );
+            c.line_with(
+                &["[linux] LINUX-DISK", "type=DMA", "access_platform=1"],
+                "`[linux] LINUX-DISK ... type=DMA ... access_platform=1` (the disk's DMA \
+                 translated by the guest's SMMU)",
+            );
+            c.contains("[linux] LINUX-CHECK");
+            c.contains("[linux] LINUX-PASS");
+            c.contains("[vm1] selftest: ALL PASS");
+            // The guest's SMMU driver went through the emulated SMMU and installed the disk's
+            // STE.
+            c.contains("hyp: linux: vSMMU traps:");
+            c.number_at_least("hyp: linux: vSMMU traps:", "STEs installed", 1, u64::MAX);
+            c.absent("LINUX-FAIL");
+            c.absent("FAIL");
+            c.status(0);
+        },
+        timeout: Duration::from_secs(300),
     },
 ];
 
@@ -256,8 +300,10 @@ pub fn status_meaning(code: i32) -> &'static str {
     }
 }
 
-/// Builds one scenario's image and runs it. `Ok(failures)`; `Err` for build problems.
-pub fn run(scenario: &Scenario, qemu: &Path, timeout: Duration) -> Result<Vec<String>> {
+/// Builds one scenario's image and runs it under `timeout` (`None`: the scenario's own).
+/// `Ok(failures)`; `Err` for build problems.
+pub fn run(scenario: &Scenario, qemu: &Path, timeout: Option<Duration>) -> Result<Vec<String>> {
+    let timeout = timeout.unwrap_or(scenario.timeout);
     run_outcome(scenario, qemu, timeout, true).map(|(_, failures)| failures)
 }
 
@@ -320,7 +366,7 @@ mod tests {
             code,
             output: output.into(),
             duration: Duration::from_secs(1),
-            timed_out: false,
+            ..Outcome::default()
         }
     }
 
@@ -419,6 +465,84 @@ mod tests {
         assert_eq!(failures("bad-dtb", &outcome(out, 0)).len(), 1);
         let other = "hyp: fatal: bad device tree: /cpus missing\n";
         assert_eq!(failures("bad-dtb", &outcome(other, 4)).len(), 1);
+    }
+
+    #[test]
+    fn linux_checks() {
+        let good = "hyp: VM \"linux\" (VMID 1): 2 vCPU(s)\n\
+            [linux] [    0.000000] Booting Linux on physical CPU 0x0000000000 [0x000f0510]\n\
+            [linux] LINUX-INIT release=6.1.0-56-arm64 mode=test\r\n\
+            [linux] LINUX-SMMU [    0.412000] arm-smmu-v3 9050000.smmuv3: ias 44-bit, oas 44-bit (features 0x00008305)\r\n\
+            [linux] LINUX-IOMMU group=0 type=DMA devices=0000:00:03.0\r\n\
+            [linux] LINUX-DISK pci=0000:00:03.0 iommu_group=0 type=DMA access_platform=1\r\n\
+            [linux] LINUX-CHECK bytes=8388608 sha256=ab12\r\n\
+            [linux] LINUX-PASS\r\n\
+            [linux] LINUX-READ bytes=8388608 ns=123456789\r\n\
+            [vm1] selftest: ALL PASS (12 checks)\n\
+            hyp: linux: vSMMU traps: 40 CMDQ_PROD writes, 40 CMDQ_CONS reads, 9 other reads, 12 other writes; 80 commands (30 forwarded, 0 rejected), 1 STEs installed, 0 events injected\n\
+            hyp: vm1: vSMMU traps: 4 CMDQ_PROD writes, 4 CMDQ_CONS reads, 9 other reads, 12 other writes; 8 commands (3 forwarded, 0 rejected), 2 STEs installed, 0 events injected\n\
+            hyp: all VMs stopped, exit status 0\n";
+        assert_eq!(failures("linux", &outcome(good, 0)), Vec::<String>::new());
+        let f = failures("linux", &outcome(good, 1));
+        assert!(f[0].contains("exit status 1"), "{f:?}");
+
+        // The disk's DMA bypassing the SMMU: identity domain, no ACCESS_PLATFORM.
+        let bypass = good
+            .replace(
+                "type=DMA access_platform=1",
+                "type=identity access_platform=0",
+            )
+            .replace(
+                "[linux] LINUX-PASS",
+                "[linux] LINUX-FAIL the disk's DMA is not translated",
+            );
+        let f = failures("linux", &outcome(&bypass, 1));
+        assert!(f.iter().any(|x| x.contains("LINUX-DISK")), "{f:?}");
+        assert!(
+            f.iter().any(|x| x.contains("missing `[linux] LINUX-PASS`")),
+            "{f:?}"
+        );
+        assert!(
+            f.iter().any(|x| x.contains("unexpected `LINUX-FAIL`")),
+            "{f:?}"
+        );
+        assert!(f.iter().any(|x| x.contains("unexpected `FAIL`")), "{f:?}");
+
+        // No arm-smmu-v3 line (the guest found no SMMU), no STE installed, vm1 failing.
+        let no_smmu = good.replace("arm-smmu-v3 9050000.smmuv3", "pci 0000:00:03.0");
+        assert_eq!(failures("linux", &outcome(&no_smmu, 0)).len(), 1);
+        let no_ste = good.replace(", 1 STEs installed", ", 0 STEs installed");
+        let f = failures("linux", &outcome(&no_ste, 0));
+        assert!(f.len() == 1 && f[0].contains("STEs installed"), "{f:?}");
+        let vm1 = good.replace(
+            "[vm1] selftest: ALL PASS (12 checks)",
+            "[vm1] selftest: FAIL dma-s1",
+        );
+        assert_eq!(failures("linux", &outcome(&vm1, 0)).len(), 2);
+        // Linux never reaching /init, or timing out, fails.
+        let f = failures("linux", &outcome("[linux] Kernel panic - not syncing\n", 1));
+        assert!(
+            f.contains(&"missing `[linux] LINUX-INIT`".to_string()),
+            "{f:?}"
+        );
+        let mut t = outcome(good, 124);
+        t.timed_out = true;
+        assert!(failures("linux", &t)[0].contains("timed out"));
+        // The vm1 trap line alone does not stand in for the linux VM's.
+        let no_linux_line = good.replace("hyp: linux: vSMMU", "hyp: other: vSMMU");
+        assert_eq!(failures("linux", &outcome(&no_linux_line, 0)).len(), 2);
+    }
+
+    #[test]
+    fn linux_scenario_has_a_longer_timeout() {
+        let s = SCENARIOS.iter().find(|s| s.name == "linux").unwrap();
+        assert_eq!(s.timeout, Duration::from_secs(300));
+        assert!(
+            SCENARIOS
+                .iter()
+                .filter(|s| s.name != "linux")
+                .all(|s| s.timeout == DEFAULT_TIMEOUT)
+        );
     }
 
     #[test]

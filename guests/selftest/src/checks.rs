@@ -427,7 +427,7 @@ pub fn mmio_emul() -> CheckResult {
 /// Addresses the guest does not own (the RAM end is added from the DT).
 const ABORT_ADDRS: [u64; 7] = [
     0x0,            // flash
-    0x0800_0000,    // GIC
+    0x0808_0000,    // the GIC ITS (the distributor is emulated; there is no virtual ITS)
     0x4020_0000,    // the hypervisor's own image (physical)
     0x4800_0000,    // host DTB
     0x5000_0000,    // other VMs' RAM

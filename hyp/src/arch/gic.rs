@@ -1,7 +1,11 @@
 //! The physical GICv3, as far as the hypervisor's own interrupts need it: the distributor switched
 //! on with affinity routing, each CPU's redistributor woken up, SGIs (CPU kicks) and the EL2 timer
 //! PPI enabled, and the system-register CPU interface used for acknowledge, EOI and sending SGIs.
-//! Guest interrupts (vGIC) come later; until then guests see no interrupts at all.
+//! For the vGIC it also drives the SPIs passed through to VMs (enable, route, trigger mode,
+//! priority) and runs the CPU interface with EOImode = 1: the hypervisor's EOI only drops the
+//! running priority, so an interrupt forwarded to a guest with the list register's HW bit stays
+//! active until the guest deactivates the virtual one; the hypervisor's own interrupts are
+//! deactivated explicitly ([`eoi`] does both).
 
 use tock_registers::interfaces::{Readable, Writeable};
 use tock_registers::register_bitfields;
@@ -38,7 +42,21 @@ register_structs! {
     pub GicdRegs {
         (0x0000 => ctlr: ReadWrite<u32, GICD_CTLR::Register>),
         (0x0004 => typer: ReadOnly<u32>),
-        (0x0008 => @END),
+        (0x0008 => _reserved0),
+        (0x0080 => igroupr: [ReadWrite<u32>; 32]),
+        (0x0100 => isenabler: [ReadWrite<u32>; 32]),
+        (0x0180 => icenabler: [ReadWrite<u32>; 32]),
+        (0x0200 => ispendr: [ReadWrite<u32>; 32]),
+        (0x0280 => icpendr: [ReadWrite<u32>; 32]),
+        (0x0300 => isactiver: [ReadWrite<u32>; 32]),
+        (0x0380 => icactiver: [ReadWrite<u32>; 32]),
+        (0x0400 => ipriorityr: [ReadWrite<u32>; 256]),
+        (0x0800 => _reserved1),
+        (0x0c00 => icfgr: [ReadWrite<u32>; 64]),
+        (0x0d00 => igrpmodr: [ReadWrite<u32>; 32]),
+        (0x0d80 => _reserved2),
+        (0x6000 => irouter: [ReadWrite<u64>; 1020]),
+        (0x7fe0 => @END),
     },
 
     /// Redistributor control frame (RD_base).
@@ -60,6 +78,8 @@ register_structs! {
         (0x0104 => _reserved2),
         (0x0180 => icenabler0: ReadWrite<u32>),
         (0x0184 => _reserved3),
+        (0x0380 => icactiver0: ReadWrite<u32>),
+        (0x0384 => _reserved5),
         (0x0400 => ipriorityr: [ReadWrite<u32>; 8]),
         (0x0420 => _reserved4),
         (0x0d00 => igrpmodr0: ReadWrite<u32>),
@@ -103,11 +123,11 @@ pub fn init_distributor(l: &GicLayout) {
     wait_until(|| !d.ctlr.is_set(GICD_CTLR::RWP), "GICD_CTLR.RWP");
 }
 
-/// Finds this CPU's redistributor (by affinity) and wakes it up; enables `ppis_and_sgis`.
-pub fn init_cpu(l: &GicLayout, mpidr: u64, ppis_and_sgis: u32) {
+/// The RD_base of the redistributor of the CPU with affinity `mpidr`.
+fn redistributor(l: &GicLayout, mpidr: u64) -> u64 {
     let aff = ((mpidr >> 8) & 0xff00_0000) | (mpidr & 0xff_ffff);
     let mut base = l.gicr;
-    let rd = loop {
+    loop {
         if base >= l.gicr + l.gicr_size {
             panic!("GIC: no redistributor for MPIDR {mpidr:#x}");
         }
@@ -115,7 +135,7 @@ pub fn init_cpu(l: &GicLayout, mpidr: u64, ppis_and_sgis: u32) {
         let rd = unsafe { &*(base as *const GicrRdRegs) };
         let typer = rd.typer.extract();
         if typer.read(GICR_TYPER::AffinityValue) == aff {
-            break rd;
+            return base;
         }
         if typer.is_set(GICR_TYPER::Last) {
             panic!("GIC: no redistributor for MPIDR {mpidr:#x}");
@@ -125,7 +145,24 @@ pub fn init_cpu(l: &GicLayout, mpidr: u64, ppis_and_sgis: u32) {
         } else {
             2 * FRAME
         };
-    };
+    }
+}
+
+/// Deactivates private interrupt `intid` (a PPI forwarded to a guest) in the redistributor of
+/// the CPU with affinity `mpidr`.
+pub fn ppi_deactivate(l: &GicLayout, mpidr: u64, intid: u32) {
+    debug_assert!(intid < 32);
+    let base = redistributor(l, mpidr);
+    // SAFETY: the SGI frame follows the RD frame of the same redistributor.
+    let sgi = unsafe { &*((base + FRAME) as *const GicrSgiRegs) };
+    sgi.icactiver0.set(1 << intid);
+}
+
+/// Finds this CPU's redistributor (by affinity) and wakes it up; enables `ppis_and_sgis`.
+pub fn init_cpu(l: &GicLayout, mpidr: u64, ppis_and_sgis: u32) {
+    let base = redistributor(l, mpidr);
+    // SAFETY: inside the GICR region from the DT, mapped as device memory.
+    let rd = unsafe { &*(base as *const GicrRdRegs) };
     rd.waker
         .modify_no_read(rd.waker.extract(), GICR_WAKER::ProcessorSleep::CLEAR);
     wait_until(
@@ -151,7 +188,8 @@ pub fn init_cpu(l: &GicLayout, mpidr: u64, ppis_and_sgis: u32) {
         isb();
         write_sysreg!("icc_pmr_el1", 0xff);
         write_sysreg!("icc_bpr1_el1", 0);
-        write_sysreg!("icc_ctlr_el1", 0);
+        // EOImode = 1: EOIR drops priority only; DIR deactivates (see the module docs).
+        write_sysreg!("icc_ctlr_el1", 1 << 1);
         write_sysreg!("icc_igrpen1_el1", 1);
     }
     isb();
@@ -162,11 +200,77 @@ pub fn ack() -> u32 {
     (read_sysreg!("icc_iar1_el1") & 0xff_ffff) as u32
 }
 
-/// Ends (and deactivates) an acknowledged interrupt.
+/// Ends (and deactivates) an acknowledged interrupt of the hypervisor's own.
 pub fn eoi(intid: u32) {
-    // SAFETY: EOI of an interrupt this CPU acknowledged.
+    // SAFETY: EOI and deactivation of an interrupt this CPU acknowledged.
+    unsafe {
+        write_sysreg!("icc_eoir1_el1", intid as u64);
+        isb();
+        write_sysreg!("icc_dir_el1", intid as u64);
+    }
+    isb();
+}
+
+/// Drops the running priority of an acknowledged interrupt that was forwarded to a guest with
+/// the list register's HW bit: it stays active until the guest deactivates the virtual one.
+pub fn eoi_forwarded(intid: u32) {
+    // SAFETY: priority drop of an interrupt this CPU acknowledged.
     unsafe { write_sysreg!("icc_eoir1_el1", intid as u64) };
     isb();
+}
+
+/// Deactivates a forwarded interrupt the guest will never deactivate itself (its VM stopped, or
+/// the list register holding it was dropped).
+pub fn deactivate(intid: u32) {
+    // SAFETY: deactivating an interrupt this hypervisor forwarded.
+    unsafe { write_sysreg!("icc_dir_el1", intid as u64) };
+    isb();
+}
+
+/// An SPI's register index and bit.
+fn spi_bit(intid: u32) -> (usize, u32) {
+    debug_assert!((32..1020).contains(&intid), "not an SPI: {intid}");
+    ((intid / 32) as usize, 1 << (intid % 32))
+}
+
+/// Enables or disables SPI `intid` at the distributor.
+pub fn spi_enable(l: &GicLayout, intid: u32, on: bool) {
+    let d = gicd(l);
+    let (i, bit) = spi_bit(intid);
+    if on {
+        d.isenabler[i].set(bit);
+    } else {
+        d.icenabler[i].set(bit);
+        wait_until(|| !d.ctlr.is_set(GICD_CTLR::RWP), "GICD_CTLR.RWP");
+    }
+}
+
+/// Configures SPI `intid` as a non-secure group-1 interrupt, edge- or level-triggered, at
+/// `priority`, routed to the CPU with affinity `mpidr` (disable it first when it is live).
+pub fn spi_configure(l: &GicLayout, intid: u32, edge: bool, priority: u8, mpidr: u64) {
+    let d = gicd(l);
+    let (i, bit) = spi_bit(intid);
+    d.igroupr[i].set(d.igroupr[i].get() | bit);
+    d.igrpmodr[i].set(d.igrpmodr[i].get() & !bit);
+    let cfg = &d.icfgr[(intid / 16) as usize];
+    let shift = (intid % 16) * 2 + 1;
+    cfg.set((cfg.get() & !(1 << shift)) | (u32::from(edge) << shift));
+    let pri = &d.ipriorityr[(intid / 4) as usize];
+    let shift = (intid % 4) * 8;
+    pri.set((pri.get() & !(0xff << shift)) | (u32::from(priority) << shift));
+    spi_route(l, intid, mpidr);
+}
+
+/// Routes SPI `intid` to the CPU with affinity `mpidr`.
+pub fn spi_route(l: &GicLayout, intid: u32, mpidr: u64) {
+    let aff = (mpidr & 0xff_ffff) | ((mpidr >> 32 & 0xff) << 32);
+    gicd(l).irouter[intid as usize].set(aff);
+}
+
+/// Deactivates SPI `intid` in the distributor (a forwarded SPI the guest will not deactivate).
+pub fn spi_deactivate(l: &GicLayout, intid: u32) {
+    let (i, bit) = spi_bit(intid);
+    gicd(l).icactiver[i].set(bit);
 }
 
 /// Sends SGI `intid` to the CPU with affinity `mpidr`.

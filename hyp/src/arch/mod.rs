@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod exceptions;
 pub mod gic;
+pub mod ich;
 pub mod mmu;
 pub mod platform;
 pub mod sysreg;

@@ -5,9 +5,11 @@ use super::sysreg::{isb, read_sysreg, write_sysreg};
 use crate::trap::InjectedException;
 
 /// HCR_EL2: VM (stage 2 on), SWIO, FMO/IMO/AMO (physical interrupts and SErrors to EL2), FB and
-/// BSU=inner (broadcast the guest's TLB/cache maintenance), TWI (trap WFI: with no virtual
-/// interrupts yet a guest WFI could sleep forever), TSC (trap SMC: guests' PSCI via SMC is emulated
-/// too), RW (EL1 is AArch64).
+/// BSU=inner (broadcast the guest's TLB/cache maintenance), TWI (trap WFI: the hypervisor waits
+/// for the vCPU's next virtual interrupt itself, since one raised by the hypervisor would not wake
+/// a physical WFI), TSC (trap SMC: guests' PSCI via SMC is emulated too), RW (EL1 is AArch64),
+/// APK and API (pointer authentication keys and instructions do not trap: each pCPU runs one
+/// vCPU and the hypervisor never uses pointer authentication, so the guest owns the keys).
 const HCR_EL2: u64 = (1 << 0)
     | (1 << 1)
     | (1 << 3)
@@ -17,7 +19,9 @@ const HCR_EL2: u64 = (1 << 0)
     | (1 << 10)
     | (1 << 13)
     | (1 << 19)
-    | (1 << 31);
+    | (1 << 31)
+    | (1 << 40)
+    | (1 << 41);
 
 /// CPTR_EL2 (non-VHE) RES1 bits; TFP, TZ and TSM clear: the guest owns FP/SIMD/SVE outright
 /// because the hypervisor (soft-float) never uses those registers.

@@ -12,13 +12,18 @@
 //!   `linux,usable-memory-range`, `linux,uefi-*`) and without `kaslr-seed`/`rng-seed`: every
 //!   VM derived from one host blob would otherwise share the same "random" seed, and Linux
 //!   credits `rng-seed` as entropy. `bootargs` is replaced when [`GuestSpec::bootargs`] is set;
-//!   `stdout-path` survives only if it names a kept node (else it points at the console PL011);
+//!   `stdout-path` survives only if it names a kept node (else it points at the console PL011).
+//!   The hypervisor adds `linux,initrd-start`/`linux,initrd-end` (64-bit) for
+//!   [`GuestSpec::initrd`] and `linux,pci-probe-only = <1>` for [`GuestSpec::pci_probe_only`]
+//!   (with [`GuestSpec::keep_pci`]; the host's value is replaced): the hypervisor has placed the
+//!   BARs of the VM's functions and emulates config space accordingly, so Linux must keep them;
 //! * one `memory@<base>` node per [`GuestSpec::memory`] region (the host's are dropped);
 //! * `/cpus` rebuilt with [`GuestSpec::vcpus`] CPUs whose `reg` (MPIDR Aff0) is the vCPU index;
 //! * `/psci` rebuilt (PSCI 1.0/0.2, [`GuestSpec::psci_method`]);
-//! * the GICv3 and its children, the architected timer, every `fixed-clock`, the PL011 at
-//!   [`GuestSpec::console`], the PCIe host and SMMUs when [`GuestSpec::keep_pci`], and any node
-//!   whose first `reg` region lies inside one of [`GuestSpec::devices`] (with its subtree);
+//! * the GICv3 and its children except ITSs, the architected timer, every `fixed-clock`, the
+//!   PL011 at [`GuestSpec::console`], the PCIe host and SMMUs when [`GuestSpec::keep_pci`], and
+//!   any node whose first `reg` region lies inside one of [`GuestSpec::devices`] (with its
+//!   subtree);
 //! * nodes without `reg` only as containers of kept nodes (e.g. a `simple-bus`); the rest of
 //!   them (PMU, `gpio-keys`, `platform-bus`, `__symbols__`) is dropped, as is every node with
 //!   `reg` outside the VM's devices (virtio-mmio, flash, fw-cfg, unowned PL031/PL061);
@@ -28,6 +33,18 @@
 //!   [`GuestSpec::power_controller`] is set (`compatible = "hyp,gdsc-controller"`,
 //!   `#power-domain-cells = <1>`, `hyp,domains = <N>`): guest drivers of the masters whose
 //!   power votes the hypervisor follows refer to it with `power-domains = <&pc i>`.
+//!
+//! No MSIs until the ITS is virtualised: the vGIC emulates the distributor and the
+//! redistributors only, so every `arm,gic-v3-its` node is dropped, `msi-parent`, `msi-map` and
+//! `msi-map-mask` are removed from every kept node (the PCIe host, SMMUs, platform devices), and
+//! the GIC node loses `msi-controller`, `mbi-ranges` and `mbi-alias` (GICv3 MBIs need the
+//! distributor's SETSPI registers, which the vGIC does not implement). Drivers then fall back to
+//! wired interrupts: PCI functions to INTx through the PCIe host's `interrupt-map` (kept, its
+//! phandles name the kept GIC), the SMMUv3 to its `interrupts`/`interrupt-names` (kept).
+//!
+//! The GIC's `reg` is copied as is: its redistributor region covers every physical CPU, and the
+//! vGIC emulates one redistributor per vCPU at the start of it, with `GICR_TYPER.Last` set on the
+//! last one, so Linux stops there. `#redistributor-regions` and `redistributor-stride` are kept.
 //!
 //! `iommus` of a kept device is dropped when it names an IOMMU the guest does not see (the
 //! hypervisor owns the SMMU); other references to dropped nodes (clocks, power domains) are left
@@ -66,6 +83,13 @@ pub struct GuestSpec {
     pub psci_method: &'static str,
     /// The emulated power controller the VM sees, if it has one (a node is added for it).
     pub power_controller: Option<PowerCtrlNode>,
+    /// The initrd's IPA range, `(start, end)` with `end` exclusive: written to `/chosen` as
+    /// 64-bit `linux,initrd-start`/`linux,initrd-end`. Must be non-empty and inside
+    /// [`memory`](Self::memory). `None` writes none (the host's are always dropped).
+    pub initrd: Option<(u64, u64)>,
+    /// Tell Linux not to reassign PCI resources (`/chosen/linux,pci-probe-only = <1>`), because
+    /// the hypervisor has placed the BARs. Only takes effect with [`keep_pci`](Self::keep_pci).
+    pub pci_probe_only: bool,
 }
 
 /// Where the VM's emulated power controller (`vdev::power_ctrl`) is and how many domains it has.
@@ -89,6 +113,8 @@ impl Default for GuestSpec {
             keep_pci: false,
             psci_method: "hvc",
             power_controller: None,
+            initrd: None,
+            pci_probe_only: false,
         }
     }
 }
@@ -108,6 +134,24 @@ fn chosen_prop_dropped(name: &str) -> bool {
             | "kaslr-seed"
             | "rng-seed"
     ) || name.starts_with("linux,uefi-")
+}
+
+/// Properties naming MSI controllers: dropped from every kept node (no virtual ITS yet).
+fn msi_prop(name: &str) -> bool {
+    matches!(name, "msi-parent" | "msi-map" | "msi-map-mask")
+}
+
+/// Properties of the GIC node that offer it as an MSI controller (GICv3 MBIs).
+fn gic_msi_prop(name: &str) -> bool {
+    matches!(name, "msi-controller" | "mbi-ranges" | "mbi-alias")
+}
+
+fn is_gic(t: &Tree<'_>, i: usize) -> bool {
+    t.is_compatible(i, |c| c == "arm,gic-v3")
+}
+
+fn is_its(t: &Tree<'_>, i: usize) -> bool {
+    t.is_compatible(i, |c| c == "arm,gic-v3-its")
 }
 
 /// Builds a VM's DTB from the host's; see the module docs for what is kept.
@@ -169,6 +213,13 @@ fn check_spec(spec: &GuestSpec) -> Result<(), DtError> {
     if spec.power_controller.is_some_and(|pc| pc.domains == 0) {
         return Err(DtError::Spec("power controller without domains".into()));
     }
+    if let Some((start, end)) = spec.initrd
+        && (start >= end || !covered(&memory, start, end))
+    {
+        return Err(DtError::Spec(format!(
+            "initrd {start:#x}..{end:#x} is empty or not inside the VM's memory"
+        )));
+    }
     if !matches!(spec.psci_method, "hvc" | "smc") {
         return Err(DtError::Spec(format!(
             "psci_method \"{}\" is not \"hvc\" or \"smc\"",
@@ -176,6 +227,21 @@ fn check_spec(spec: &GuestSpec) -> Result<(), DtError> {
         )));
     }
     Ok(())
+}
+
+/// Whether `sorted` (non-overlapping regions, by base) covers `start..end`.
+fn covered(sorted: &[Region], start: u64, end: u64) -> bool {
+    let mut at = start;
+    for r in sorted {
+        let r_end = r.end().unwrap_or(u64::MAX);
+        if r.base <= at && at < r_end {
+            at = r_end;
+        }
+        if at >= end {
+            return true;
+        }
+    }
+    false
 }
 
 /// How a child of `/` is handled.
@@ -263,6 +329,9 @@ impl Plan {
     }
 
     fn verdict(&self, t: &Tree<'_>, spec: &GuestSpec, i: usize) -> Verdict {
+        if is_its(t, i) {
+            return Verdict::Drop;
+        }
         let always = |c: &str| matches!(c, "arm,gic-v3" | "arm,armv8-timer" | "fixed-clock");
         if t.is_compatible(i, always) || self.console == Some(i) {
             return Verdict::Keep;
@@ -307,10 +376,13 @@ impl Plan {
         kept
     }
 
+    /// Keeps node `i` and its subtree, except ITSs (see the module docs).
     fn keep_all(&mut self, t: &Tree<'_>, i: usize) {
         self.keep[i] = true;
         for &c in t.children(i) {
-            self.keep_all(t, c);
+            if !is_its(t, c) {
+                self.keep_all(t, c);
+            }
         }
     }
 
@@ -490,8 +562,12 @@ impl Emitter<'_, '_> {
         let t = self.t;
         let path = t.path(i);
         let node = self.begin(path, t.name(i))?;
+        let gic = is_gic(t, i);
         for (name, value) in t.properties(i) {
             if name == "iommus" && !self.plan.iommus_kept(t, value) {
+                continue;
+            }
+            if msi_prop(name) || (gic && gic_msi_prop(name)) {
                 continue;
             }
             self.prop(path, name, value)?;
@@ -516,6 +592,7 @@ impl Emitter<'_, '_> {
         let t = self.t;
         let node = self.begin("/chosen", "chosen")?;
         let mut stdout = false;
+        let probe_only = self.spec.keep_pci && self.spec.pci_probe_only;
         let host_props = if i == 0 {
             Vec::new()
         } else {
@@ -525,6 +602,7 @@ impl Emitter<'_, '_> {
             let skip = match name {
                 "bootargs" => self.spec.bootargs.is_some(),
                 "stdout-path" | "linux,stdout-path" => !self.names_kept(value),
+                "linux,pci-probe-only" => probe_only,
                 _ => chosen_prop_dropped(name),
             };
             if !skip {
@@ -537,6 +615,13 @@ impl Emitter<'_, '_> {
         }
         if let (false, Some(console)) = (stdout, self.plan.console) {
             self.string("/chosen", "stdout-path", t.path(console))?;
+        }
+        if let Some((start, end)) = self.spec.initrd {
+            self.prop("/chosen", "linux,initrd-start", &start.to_be_bytes())?;
+            self.prop("/chosen", "linux,initrd-end", &end.to_be_bytes())?;
+        }
+        if probe_only {
+            self.prop("/chosen", "linux,pci-probe-only", &1u32.to_be_bytes())?;
         }
         if i != 0 {
             for &c in t.children(i) {
@@ -681,7 +766,8 @@ mod tests {
         assert_eq!(m.psci.unwrap().method, Conduit::Hvc);
         assert_eq!(m.uart.unwrap().base, 0x0900_0000);
         assert!(m.smmus.is_empty() && m.pcie.is_none());
-        assert_eq!(m.gic.its, Some(Region::new(0x0808_0000, 0x2_0000)));
+        // No ITS until it is virtualised.
+        assert_eq!(m.gic.its, None);
         assert!(m.timer.is_some() && m.reserved.is_empty());
         let names = node_names(&dtb);
         for gone in [
@@ -696,6 +782,7 @@ mod tests {
             "pl031",
             "cpu-map",
             "pmu",
+            "its",
         ] {
             assert!(
                 !names.iter().any(|n| n.starts_with(gone)),
@@ -707,7 +794,6 @@ mod tests {
             "apb-pclk",
             "timer",
             "intc@8000000",
-            "its@8080000",
             "aliases",
         ] {
             assert!(names.iter().any(|n| n == kept), "{kept} missing: {names:?}");
@@ -777,22 +863,238 @@ mod tests {
         );
     }
 
+    /// Checks that every phandle reference of the common kinds in `dtb` (`interrupt-parent`,
+    /// `interrupt-map`, `iommu-map`, `iommus`, `clocks`) names a node of `dtb`; returns how many
+    /// references were checked.
+    fn check_refs(dtb: &[u8]) -> usize {
+        let blob = blob::check(dtb).unwrap();
+        let fdt = blob.open().unwrap();
+        let t = Tree::new(&fdt).unwrap();
+        let cells = |i: usize, name: &str| t.cells_prop(i, name).unwrap().unwrap_or_default();
+        let target = |i: usize, phandle: u32| {
+            t.by_phandle(phandle)
+                .unwrap_or_else(|| panic!("{}: phandle {phandle:#x} dangles", t.path(i)))
+        };
+        let count = |i: usize, name: &str| t.u32_prop(i, name).unwrap().unwrap_or(0) as usize;
+        let mut checked = 0;
+        for i in 0..t.nodes.len() {
+            if let Some(p) = t.u32_prop(i, "interrupt-parent").unwrap() {
+                let parent = target(i, p);
+                assert!(t.prop(parent, "interrupt-controller").is_some());
+                checked += 1;
+            }
+            // <child-unit-address child-irq phandle parent-unit-address parent-irq>...
+            let map = cells(i, "interrupt-map");
+            let child = t.address_cells(i).unwrap() + count(i, "#interrupt-cells");
+            let mut rest = &map[..];
+            while !rest.is_empty() {
+                let parent = target(i, rest[child]);
+                assert!(t.prop(parent, "interrupt-controller").is_some());
+                let parent_cells =
+                    count(parent, "#address-cells") + count(parent, "#interrupt-cells");
+                rest = &rest[child + 1 + parent_cells..];
+                checked += 1;
+            }
+            // <rid-base phandle iommu-specifier length>...
+            let map = cells(i, "iommu-map");
+            let mut rest = &map[..];
+            while !rest.is_empty() {
+                let iommu = target(i, rest[1]);
+                rest = &rest[3 + count(iommu, "#iommu-cells")..];
+                checked += 1;
+            }
+            for (name, cells_name) in [("iommus", "#iommu-cells"), ("clocks", "#clock-cells")] {
+                let list = cells(i, name);
+                let mut rest = &list[..];
+                while !rest.is_empty() {
+                    let provider = target(i, rest[0]);
+                    rest = &rest[1 + count(provider, cells_name)..];
+                    checked += 1;
+                }
+            }
+        }
+        checked
+    }
+
+    fn linux_spec() -> GuestSpec {
+        GuestSpec {
+            keep_pci: true,
+            pci_probe_only: true,
+            initrd: Some((0x8200_0000, 0x8234_5679)),
+            bootargs: Some("console=ttyAMA0".into()),
+            ..selftest_spec()
+        }
+    }
+
     #[test]
     fn keep_pci_keeps_pcie_and_smmu() {
-        let dtb = derive_guest(
-            QEMU_VIRT,
-            &GuestSpec {
-                keep_pci: true,
-                ..selftest_spec()
-            },
-        )
-        .unwrap();
+        let dtb = derive_guest(QEMU_VIRT, &linux_spec()).unwrap();
         let m = parse(&dtb).unwrap();
         assert_eq!(m.smmus.len(), 1);
+        let pcie = m.pcie.as_ref().unwrap();
+        assert_eq!(pcie.iommu_map[0].smmu_phandle, m.smmus[0].phandle.unwrap());
+        // No MSIs: the ITS is gone and nothing names an MSI controller.
+        assert_eq!(m.gic.its, None);
+        let names = node_names(&dtb);
+        assert!(!names.iter().any(|n| n.starts_with("its")), "{names:?}");
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        for node in fdt.all_nodes() {
+            for prop in node.properties() {
+                assert!(
+                    !prop.name.starts_with("msi-") && !prop.name.starts_with("mbi-"),
+                    "{}: {} kept",
+                    node.name,
+                    prop.name
+                );
+                assert_ne!(prop.name, "#msi-cells", "{}", node.name);
+            }
+        }
+        // Wired interrupts instead: the SMMU's named SPIs and the PCIe host's INTx map.
+        let smmu = fdt.find_node("/smmuv3@9050000").unwrap();
+        assert_eq!(m.smmus[0].irqs.len(), 4);
         assert_eq!(
-            m.pcie.unwrap().iommu_map[0].smmu_phandle,
-            m.smmus[0].phandle.unwrap()
+            smmu.property("interrupt-names").unwrap().value,
+            b"eventq\0priq\0cmdq-sync\0gerror\0"
         );
+        let pcie_node = fdt.find_node("/pcie@10000000").unwrap();
+        let map = pcie_node.property("interrupt-map").unwrap().value;
+        // 16 entries of 10 cells, the 5th naming the GIC.
+        assert_eq!(map.len(), 16 * 10 * 4);
+        let gic = prop_u32(&dtb, "/intc@8000000", "phandle").unwrap();
+        for entry in map.chunks(40) {
+            assert_eq!(u32::from_be_bytes(entry[16..20].try_into().unwrap()), gic);
+        }
+        assert!(pcie_node.property("interrupt-map-mask").is_some());
+        // The GIC keeps its redistributor description as is.
+        assert_eq!(
+            prop_u32(&dtb, "/intc@8000000", "#redistributor-regions"),
+            Some(1)
+        );
+        let host = parse(QEMU_VIRT).unwrap();
+        assert_eq!(
+            m.gic,
+            crate::dt::GicV3 {
+                its: None,
+                ..host.gic
+            }
+        );
+        assert_eq!(m.smmus, host.smmus);
+        // Every reference still resolves (to kept nodes: they are all in the guest tree): at
+        // least the 16 `interrupt-map` entries, the root's `interrupt-parent` and `iommu-map`.
+        let refs = check_refs(&dtb);
+        assert!(refs >= 18, "only {refs} references checked");
+
+        let chosen = fdt.find_node("/chosen").unwrap();
+        assert_eq!(prop_u32(&dtb, "/chosen", "linux,pci-probe-only"), Some(1));
+        let u64_prop = |name: &str| {
+            let value = chosen.property(name).unwrap().value;
+            u64::from_be_bytes(value.try_into().unwrap())
+        };
+        assert_eq!(u64_prop("linux,initrd-start"), 0x8200_0000);
+        assert_eq!(u64_prop("linux,initrd-end"), 0x8234_5679);
+        assert_eq!(m.bootargs.as_deref(), Some("console=ttyAMA0"));
+    }
+
+    #[test]
+    fn selftest_guest_refs_resolve() {
+        let dtb = derive_guest(QEMU_VIRT, &selftest_spec()).unwrap();
+        assert!(check_refs(&dtb) > 0);
+        // Neither initrd nor probe-only unless asked for.
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let chosen = fdt.find_node("/chosen").unwrap();
+        assert!(chosen.properties().all(|p| !p.name.starts_with("linux,")));
+    }
+
+    #[test]
+    fn probe_only_needs_pci_and_replaces_the_hosts() {
+        // Without the PCIe host there is nothing to probe.
+        let spec = GuestSpec {
+            keep_pci: false,
+            ..linux_spec()
+        };
+        let dtb = derive_guest(QEMU_VIRT, &spec).unwrap();
+        assert_eq!(prop_u32(&dtb, "/chosen", "linux,pci-probe-only"), None);
+        assert!(!node_names(&dtb).iter().any(|n| n.starts_with("pcie")));
+
+        // A host value of 0 is replaced, never duplicated; without the flag it is passed on.
+        let mut b = Builder::new();
+        b.node("chosen", |b| {
+            b.u32("linux,pci-probe-only", 0);
+        });
+        let host = b.finish();
+        let spec = GuestSpec {
+            console: None,
+            initrd: None,
+            ..linux_spec()
+        };
+        let dtb = derive_guest(&host, &spec).unwrap();
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let chosen = fdt.find_node("/chosen").unwrap();
+        let probe: Vec<_> = chosen
+            .properties()
+            .filter(|p| p.name == "linux,pci-probe-only")
+            .map(|p| p.value)
+            .collect();
+        assert_eq!(probe, [&1u32.to_be_bytes()[..]]);
+        let kept = GuestSpec {
+            pci_probe_only: false,
+            ..spec
+        };
+        let dtb = derive_guest(&host, &kept).unwrap();
+        assert_eq!(prop_u32(&dtb, "/chosen", "linux,pci-probe-only"), Some(0));
+    }
+
+    #[test]
+    fn its_and_msi_dropped_elsewhere() {
+        // An ITS outside the GIC, a platform device with msi-parent, and a GIC offering MBIs.
+        let mut b = Builder::new();
+        b.u32("interrupt-parent", 1);
+        b.node("intc@8000000", |b| {
+            b.string("compatible", "arm,gic-v3").cells(
+                "reg",
+                &[0, 0x0800_0000, 0, 0x1_0000, 0, 0x080a_0000, 0, 0x2_0000],
+            );
+            b.u32("#interrupt-cells", 3).empty("interrupt-controller");
+            b.empty("msi-controller").cells("mbi-ranges", &[64, 64]);
+            b.u32("redistributor-stride", 0x4_0000);
+            b.u32("phandle", 1);
+        });
+        b.node("its@8100000", |b| {
+            b.string("compatible", "arm,gic-v3-its")
+                .cells("reg", &[0, 0x0810_0000, 0, 0x2_0000]);
+            b.empty("msi-controller")
+                .u32("#msi-cells", 1)
+                .u32("phandle", 2);
+        });
+        b.node("dma@9000000", |b| {
+            b.cells("reg", &[0, 0x0900_0000, 0, 0x1000])
+                .u32("msi-parent", 2)
+                .cells("interrupts", &[0, 5, 4]);
+        });
+        let spec = GuestSpec {
+            console: None,
+            devices: alloc::vec![Region::new(0x0800_0000, 0x200_0000)],
+            ..selftest_spec()
+        };
+        let dtb = derive_guest(&b.finish(), &spec).unwrap();
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        assert!(fdt.find_node("/its@8100000").is_none());
+        let dma = fdt.find_node("/dma@9000000").unwrap();
+        assert!(dma.property("msi-parent").is_none() && dma.property("interrupts").is_some());
+        let gic = fdt.find_node("/intc@8000000").unwrap();
+        let names: Vec<_> = gic.properties().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "compatible",
+                "reg",
+                "#interrupt-cells",
+                "interrupt-controller",
+                "redistributor-stride",
+                "phandle"
+            ]
+        );
+        assert_eq!(check_refs(&dtb), 1);
     }
 
     #[test]
@@ -1010,6 +1312,33 @@ mod tests {
             ..selftest_spec()
         });
         assert!(msg.contains("overlapping"), "{msg}");
+        for initrd in [
+            (0x8100_0000, 0x8100_0000),
+            (0x8100_0000, 0x80ff_0000),
+            (0x7fff_f000, 0x8000_1000),
+            (0x83ff_f000, 0x8400_1000),
+        ] {
+            assert_eq!(
+                err(GuestSpec {
+                    initrd: Some(initrd),
+                    ..selftest_spec()
+                }),
+                format!(
+                    "invalid guest spec: initrd {:#x}..{:#x} is empty or not inside the VM's memory",
+                    initrd.0, initrd.1
+                )
+            );
+        }
+        // Adjacent memory regions together hold it; the end is exclusive.
+        let split = GuestSpec {
+            memory: alloc::vec![
+                Region::new(0x8100_0000, 0x100_0000),
+                Region::new(0x8000_0000, 0x100_0000)
+            ],
+            initrd: Some((0x80ff_f000, 0x8200_0000)),
+            ..selftest_spec()
+        };
+        assert!(derive_guest(QEMU_VIRT, &split).is_ok());
         let e = derive_guest(&QEMU_VIRT[..100], &selftest_spec()).unwrap_err();
         assert!(matches!(e, DtError::NotFdt(_)), "{e}");
     }

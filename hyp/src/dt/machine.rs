@@ -241,6 +241,30 @@ pub struct PcieHost {
     pub ranges: Vec<PciRange>,
     /// Requester ID to stream ID mapping.
     pub iommu_map: Vec<IommuMap>,
+    /// Legacy INTx routing (`interrupt-map` with its mask), for functions using INTx.
+    pub intx: IntxMap,
+}
+
+/// A PCI host's `interrupt-map`: which GIC interrupt an INTx pin of a function raises.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntxMap {
+    /// `interrupt-map-mask` of `phys.hi` (bus/device/function bits) and of the pin.
+    pub mask_hi: u32,
+    pub mask_pin: u32,
+    /// (masked `phys.hi`, masked pin, GIC interrupt).
+    pub entries: Vec<(u32, u32, Irq)>,
+}
+
+impl IntxMap {
+    /// The GIC interrupt that pin `pin` (1 = INTA .. 4 = INTD) of function `bdf` raises.
+    pub fn lookup(&self, bdf: u16, pin: u8) -> Option<Irq> {
+        let hi = (u32::from(bdf) << 8) & self.mask_hi;
+        let pin = u32::from(pin) & self.mask_pin;
+        self.entries
+            .iter()
+            .find(|(h, p, _)| *h == hi && *p == pin)
+            .map(|(_, _, irq)| *irq)
+    }
 }
 
 /// The machine as described by the host DTB.
@@ -656,7 +680,46 @@ fn pcie(t: &Tree<'_>) -> Result<Option<PcieHost>, DtError> {
         bus_end,
         ranges: pci_ranges(t, i)?,
         iommu_map: iommu_map(t, i)?,
+        intx: intx_map(t, i)?,
     }))
+}
+
+/// Parses `interrupt-map` (child: 3 address cells + 1 pin cell; parent: its phandle, its
+/// `#address-cells`, its `#interrupt-cells`). Entries whose parent is not the GIC are skipped.
+fn intx_map(t: &Tree<'_>, i: usize) -> Result<IntxMap, DtError> {
+    const PROP: &str = "interrupt-map";
+    let Some(cells) = t.cells_prop(i, PROP)? else {
+        return Ok(IntxMap::default());
+    };
+    let mask = t.cells_prop(i, "interrupt-map-mask")?.unwrap_or_default();
+    let (mask_hi, mask_pin) = match mask[..] {
+        [hi, _, _, pin] => (hi, pin),
+        [] => (u32::MAX, u32::MAX),
+        _ => {
+            let msg = format!("expected 4 cells, found {}", mask.len());
+            return Err(DtError::prop(t.path(i), "interrupt-map-mask", msg));
+        }
+    };
+    let mut out = IntxMap {
+        mask_hi,
+        mask_pin,
+        entries: Vec::new(),
+    };
+    let mut rest = &cells[..];
+    while !rest.is_empty() {
+        let short = || DtError::prop(t.path(i), PROP, "truncated entry");
+        let (child, tail) = rest.split_at_checked(5).ok_or_else(short)?;
+        let parent = t.resolve_phandle(i, PROP, child[4])?;
+        let pac = t.address_cells(parent)?;
+        let pic = t.interrupt_cells(parent)?;
+        let (spec, tail) = tail.split_at_checked(pac + pic).ok_or_else(short)?;
+        rest = tail;
+        if let Some(irq) = t.decode_irq(i, PROP, parent, &spec[pac..])? {
+            out.entries
+                .push((child[0] & mask_hi, child[3] & mask_pin, irq));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -678,6 +741,19 @@ mod tests {
             number,
             trigger: 4,
         }
+    }
+
+    #[test]
+    fn qemu_virt_pci_intx() {
+        let m = parse(QEMU_VIRT).unwrap();
+        let intx = &m.pcie.as_ref().unwrap().intx;
+        assert_eq!(intx.entries.len(), 16);
+        // QEMU virt swizzles INTx over 4 SPIs from 3: slot + pin - 1, mod 4.
+        assert_eq!(intx.lookup(0x08, 1), Some(spi(4, 4)), "00:01.0 INTA");
+        assert_eq!(intx.lookup(0x10, 1), Some(spi(5, 4)), "00:02.0 INTA");
+        assert_eq!(intx.lookup(0x18, 1), Some(spi(6, 4)), "00:03.0 INTA");
+        assert_eq!(intx.lookup(0x18, 2), Some(spi(3, 4)), "00:03.0 INTB");
+        assert_eq!(intx.lookup(0x20, 1), Some(spi(3, 4)), "00:04.0 INTA wraps");
     }
 
     #[test]

@@ -424,7 +424,7 @@ impl<'a> Tree<'a> {
     }
 
     /// `#interrupt-cells` of controller `ctl`, which must be at least 1.
-    fn interrupt_cells(&self, ctl: usize) -> Result<usize, DtError> {
+    pub(crate) fn interrupt_cells(&self, ctl: usize) -> Result<usize, DtError> {
         match self.u32_prop(ctl, "#interrupt-cells")? {
             Some(n) if n >= 1 => Ok(n as usize),
             _ => Err(self.prop_err(ctl, "#interrupt-cells", "missing or zero")),
@@ -438,7 +438,7 @@ impl<'a> Tree<'a> {
 
     /// Decodes one specifier for controller `ctl`: a GIC `<type number flags ...>` becomes an
     /// [`Irq`]; a specifier for any other controller becomes `None`.
-    fn decode_irq(
+    pub(crate) fn decode_irq(
         &self,
         i: usize,
         prop: &str,

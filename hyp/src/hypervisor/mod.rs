@@ -36,13 +36,15 @@ use crate::smmu;
 use crate::smmu::v3::cmdq::{CmdQueue, CmdqOptions};
 use crate::smmu::v3::driver::{HeapDma, MmioAt, SmmuV3};
 use crate::smmu::v3::ste::{S2Config, Ste};
-use crate::smmu::vsmmu::{PhysError, PhysSmmu, VSMMU_MMIO_SIZE, VSmmu, VsmmuIrq};
+use crate::smmu::vsmmu::{PhysError, PhysSmmu, VSMMU_MMIO_SIZE, VSmmu};
 use crate::trap::hyptest::{self, HypTestCall};
 use crate::trap::{self, AbortKind, GuestExcState, MmioBus, PsciOutcome, Trap, VPsci};
-use crate::vdev::pci_ecam::{BarAllocator, EcamWindow, VirtEcam};
+use crate::vdev::pci_ecam::{BarAllocator, ConfigSpace, EcamWindow, VirtEcam};
 use crate::vdev::{ConsoleSink, POWER_CTRL_MMIO_SIZE, PowerDomain, VirtPl011, VirtPowerCtrl};
+use crate::vgic::{Distributor, GICD_SIZE, MAINTENANCE_PPI, Redistributors, VTIMER_PPI, Vgic};
 
 mod devices;
+mod irq;
 mod power;
 
 mod board {
@@ -107,6 +109,12 @@ pub struct Vm {
     pub ecam: Option<Arc<VirtEcam>>,
     /// The VM's emulated power controller, when its board entry gives it one.
     pub power_ctrl: Option<Arc<VirtPowerCtrl>>,
+    /// The VM's virtual GIC.
+    pub vgic: Arc<Vgic>,
+    /// Physical SPIs forwarded to it (its PCI functions' INTx lines).
+    pub forwarded_spis: Vec<u32>,
+    /// What made its vCPUs leave the guest.
+    pub exits: ExitCounters,
     /// VTCR/VTTBR values for this VM.
     pub s2regs: hw::Stage2Regs,
     /// Physical CPU index of each vCPU.
@@ -114,6 +122,29 @@ pub struct Vm {
     /// IPA of the guest DTB and of the payload entry point.
     pub dtb_ipa: u64,
     pub entry_ipa: u64,
+}
+
+/// A VM's guest exits by cause, for the end-of-run report.
+#[derive(Default)]
+pub struct ExitCounters {
+    /// Emulated MMIO accesses (vGIC, vSMMU, config space, console, power controller).
+    pub mmio: AtomicU64,
+    /// HVC/SMC calls (PSCI, SMCCC, test hypercalls).
+    pub calls: AtomicU64,
+    /// WFI traps.
+    pub wfi: AtomicU64,
+    /// Trapped ICC_SGI1R_EL1 writes.
+    pub sgi: AtomicU64,
+    /// Physical interrupts taken while the guest ran.
+    pub irq: AtomicU64,
+    /// Aborts injected into the guest.
+    pub aborts: AtomicU64,
+}
+
+impl ExitCounters {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The stage-2 table type every VM uses.
@@ -301,6 +332,13 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
         power::init(host);
     }
     let vms = create_vms(machine, blob);
+    if let Err((spi, a, b)) = irq::record_owners(&vms) {
+        fatal(format_args!(
+            "INTID {spi} would be forwarded to two VMs ({} and {}): give PCI functions that share an INTx line to one VM",
+            b_name(&vms, a),
+            b_name(&vms, b)
+        ));
+    }
     SID_OWNERS.call_once(|| {
         vms.iter()
             .filter_map(|vm| vm.vsmmu.as_ref())
@@ -470,7 +508,11 @@ fn hyp_timer_intid(machine: &Machine) -> u32 {
 fn init_cpu_interrupts(machine: &Machine, gic: &gic::GicLayout) {
     let timer = hyp_timer_intid(machine);
     hw::route_interrupts_to_el2();
-    gic::init_cpu(gic, sysreg::mpidr(), (1 << gic::SGI_KICK) | (1 << timer));
+    gic::init_cpu(
+        gic,
+        sysreg::mpidr(),
+        (1 << gic::SGI_KICK) | (1 << timer) | (1 << MAINTENANCE_PPI) | (1 << VTIMER_PPI),
+    );
 }
 
 /// Proves the EL2 timer and the GIC work: arm the timer 1 ms ahead and wait for its interrupt.
@@ -493,24 +535,9 @@ fn check_timer(_machine: &Machine) {
     info!("EL2 timer and GIC OK (1 ms timer interrupt after {us} us)");
 }
 
-/// Handles the hypervisor's physical interrupts (from EL2 or while a guest runs).
+/// Handles the physical interrupts pending on this CPU (from EL2 or while a guest runs).
 pub fn handle_irq() {
-    loop {
-        let intid = gic::ack();
-        if intid >= gic::SPURIOUS {
-            return;
-        }
-        match intid {
-            gic::SGI_KICK => {}
-            _ if Some(intid) == MACHINE.get().map(hyp_timer_intid) => {
-                platform::hyp_timer_stop();
-                TIMER_FIRED.store(true, Ordering::Release);
-                power::timer_tick();
-            }
-            other => warn!("unexpected interrupt {other}"),
-        }
-        gic::eoi(intid);
-    }
+    irq::handle_irq();
 }
 
 /// Chooses the stage-2 geometry and split policy from what every walker supports: the IPA size is
@@ -710,15 +737,6 @@ impl PhysSmmu for PhysSmmuPort {
     }
 }
 
-/// The emulated SMMU's interrupts: nowhere to go until the vGIC exists (guests poll).
-struct NoVirtualIrq;
-
-impl VsmmuIrq for NoVirtualIrq {
-    fn eventq(&self) {}
-    fn gerror(&self) {}
-    fn cmd_sync(&self) {}
-}
-
 /// A VM's emulated SMMU on its MMIO bus. When the guest reads its event queue's PROD, physical
 /// events are first routed to the emulated SMMUs of the VMs that own their streams (there are no
 /// interrupts yet, so a guest polling its event queue is what drives this; no other register
@@ -783,6 +801,10 @@ fn route_event(ev: crate::smmu::v3::event::Event) {
             }
         }
     }
+}
+
+fn b_name(vms: &[Vm], i: usize) -> &'static str {
+    vms[i].config.name
 }
 
 fn create_vms(machine: &Machine, host_dtb: &[u8]) -> Vec<Vm> {
@@ -877,7 +899,45 @@ fn create_vm(
     }
     let stage2 = Arc::new(stage2);
 
+    // The VM's interrupts: its PCI functions' INTx lines (forwarded), its emulated SMMU's and
+    // console's (virtual).
+    let mut intx: Vec<u32> = Vec::new();
+    if let Some(host) = machine.pcie.as_ref().filter(|_| !config.pci.is_empty()) {
+        // SAFETY: the ECAM window comes from the DT and is in the final EL2 map.
+        let phys = unsafe { devices::PhysEcam::new(host.ecam.base, host.ecam.size) };
+        for f in config.pci {
+            let pin = (phys.read(f.bdf(), 0x3d, 1) & 0xff) as u8;
+            if (1..=4).contains(&pin)
+                && let Some(irq) = host.intx.lookup(f.bdf(), pin)
+            {
+                intx.push(irq.intid());
+            }
+        }
+    }
+    let spis = irq::vm_spis(machine, &intx, dma, config.console_ipa.is_some());
+    let vgic = irq::build_vgic(machine, &pcpus, &spis)
+        .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: virtual GIC: {e}")));
     let mut mmio = MmioBus::new();
+    mmio.register(
+        machine.gic.gicd.base,
+        GICD_SIZE,
+        Arc::new(Distributor::new(vgic.clone())),
+    )
+    .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: virtual GIC distributor: {e}")));
+    let redists = Redistributors::new(vgic.clone());
+    let Some(gicr) = machine.gic.gicr.first() else {
+        fatal(format_args!(
+            "VM {name:?}: the GIC has no redistributor region"
+        ))
+    };
+    if redists.size() > gicr.size {
+        fatal(format_args!(
+            "VM {name:?}: {} redistributors do not fit the GIC's region",
+            pcpus.len()
+        ));
+    }
+    mmio.register(gicr.base, redists.size(), Arc::new(redists))
+        .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: virtual redistributors: {e}")));
     let console = config.console_ipa.map(|ipa| {
         let dev = Arc::new(VirtPl011::new(name, &GUEST_SINK));
         mmio.register(ipa, 0x1000, dev.clone())
@@ -893,7 +953,7 @@ fn create_vm(
             config.stream_ids,
             Arc::new(devices::Stage2Memory(stage2.clone())),
             Arc::new(PhysSmmuPort(h)),
-            Arc::new(NoVirtualIrq),
+            Arc::new(irq::VsmmuSpis::new(vgic.clone(), machine)),
         ));
         mmio.register(h.base, VSMMU_MMIO_SIZE, Arc::new(VSmmuPort(v.clone())))
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: emulated SMMU: {e}")));
@@ -977,6 +1037,18 @@ fn create_vm(
     }
 
     let ram = config.memory[0];
+    let initrd = (!config.initrd.is_empty()).then(|| {
+        let at = initrd_offset(config.payload);
+        let end = at + config.initrd.len() as u64;
+        if end > ram.size {
+            fatal(format_args!(
+                "VM {name:?}: initrd ({} bytes at RAM + {at:#x}) does not fit in {:#x} bytes of RAM",
+                config.initrd.len(),
+                ram.size
+            ));
+        }
+        (at, end)
+    });
     let spec = GuestSpec {
         vcpus: pcpus.len(),
         memory: config
@@ -994,6 +1066,8 @@ fn create_vm(
         bootargs: config.bootargs.map(String::from),
         keep_pci: !config.pci.is_empty(),
         psci_method: "hvc",
+        initrd: initrd.map(|(at, end)| (ram.ipa + at, ram.ipa + end)),
+        pci_probe_only: !config.pci.is_empty(),
         power_controller: power_ctrl.as_ref().map(|(ipa, c)| dt::PowerCtrlNode {
             ipa: *ipa,
             domains: c.num_domains() as u32,
@@ -1026,6 +1100,18 @@ fn create_vm(
             config.payload.len(),
         );
     }
+    if let Some((at, _)) = initrd {
+        // SAFETY: as above; `initrd_offset` keeps it clear of the payload and the check above of
+        // the end of the region.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                config.initrd.as_ptr(),
+                (ram.pa + at) as *mut u8,
+                config.initrd.len(),
+            )
+        };
+        sysreg::clean_dcache_range(ram.pa + at, config.initrd.len() as u64);
+    }
     sysreg::clean_dcache_range(ram.pa, guest_dtb.len() as u64);
     sysreg::clean_dcache_range(ram.pa + PAYLOAD_OFFSET, config.payload.len() as u64);
     sysreg::invalidate_icache_all();
@@ -1051,11 +1137,26 @@ fn create_vm(
         vsmmu,
         ecam: ecam_dev,
         power_ctrl: power_ctrl.map(|(_, c)| c),
+        vgic,
+        forwarded_spis: intx,
+        exits: ExitCounters::default(),
         s2regs,
         pcpus,
         dtb_ipa: ram.ipa,
         entry_ipa: ram.ipa + PAYLOAD_OFFSET,
     }
+}
+
+/// Where the initrd goes, from the start of the VM's first RAM region: after the payload's
+/// whole memory image (an arm64 Image header's `image_size` at byte 16 covers its .bss too),
+/// 2 MiB aligned.
+fn initrd_offset(payload: &[u8]) -> u64 {
+    let image_size = payload
+        .get(16..24)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(0);
+    let span = image_size.max(payload.len() as u64);
+    (PAYLOAD_OFFSET + span).next_multiple_of(2 << 20)
 }
 
 fn start_secondaries(machine: &Machine, me: usize) {
@@ -1154,6 +1255,7 @@ fn run_vcpu(vm: &Vm, v: usize) {
     }
     loop {
         hw::reset_el1();
+        irq::reset_vcpu_interface();
         *regs = GuestRegs::default();
         regs.x[0] = x0;
         regs.elr = entry;
@@ -1186,18 +1288,24 @@ fn wait_for_cpu_on(vm: &Vm, v: usize) -> Option<(u64, u64)> {
 
 /// Runs the guest until CPU_OFF (true) or until the VM stops (false).
 fn run_until_off(vm: &Vm, v: usize, regs: &mut GuestRegs) -> bool {
+    let lrs = &mut irq::HwLrs::new();
     loop {
         if vm.state.stopped().is_some() {
             return false;
         }
+        vm.vgic.flush(v, lrs);
         // SAFETY: configured for this VM in `run_vcpu`; TPIDR_EL2 points at `regs`.
         let reason = unsafe { enter_guest(regs) };
+        vm.vgic.sync(v, lrs);
         match reason {
             ExitReason::Sync => match handle_sync(vm, v, regs) {
                 Flow::Continue => {}
                 Flow::CpuOff => return true,
             },
-            ExitReason::Irq => handle_irq(),
+            ExitReason::Irq => {
+                ExitCounters::bump(&vm.exits.irq);
+                handle_irq();
+            }
             ExitReason::Fiq | ExitReason::SError | ExitReason::AArch32 => {
                 stop_vm(
                     vm,
@@ -1217,8 +1325,12 @@ enum Flow {
 fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
     let (esr, far, hpfar) = hw::trap_syndrome();
     match trap::decode(esr, far, hpfar) {
-        Trap::Hvc { .. } => return psci_call(vm, v, regs),
+        Trap::Hvc { .. } => {
+            ExitCounters::bump(&vm.exits.calls);
+            return psci_call(vm, v, regs);
+        }
         Trap::Smc { .. } => {
+            ExitCounters::bump(&vm.exits.calls);
             regs.elr += trap::instruction_len(esr);
             return psci_call(vm, v, regs);
         }
@@ -1229,6 +1341,7 @@ fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
             let why = match abort.access {
                 Some(access) if emulated => {
                     let value = access.reg_index().map_or(0, |r| regs.x[r]);
+                    ExitCounters::bump(&vm.exits.mmio);
                     match vm.mmio.dispatch(v, abort.ipa, &access, value) {
                         Ok(loaded) => {
                             if let (Some(val), Some(r)) = (loaded, access.reg_index()) {
@@ -1268,7 +1381,31 @@ fn handle_sync(vm: &Vm, v: usize, regs: &mut GuestRegs) -> Flow {
                 format_args!("instruction fetch from IPA {ipa:#x}"),
             );
         }
-        Trap::Wfx { .. } => regs.elr += trap::instruction_len(esr),
+        Trap::Wfx { wfe } => {
+            regs.elr += trap::instruction_len(esr);
+            ExitCounters::bump(&vm.exits.wfi);
+            if !wfe {
+                irq::wait_for_interrupt(vm, v);
+            }
+        }
+        // ICC_SGI1R_EL1 (op0 3, op1 0, CRn 12, CRm 11, op2 5): the guest sends SGIs. Group-0
+        // and alternate-group SGIs (op2 7, 6) do not exist for a guest with group 1 only.
+        Trap::SysReg {
+            op0: 3,
+            op1: 0,
+            crn: 12,
+            crm: 11,
+            op2: op2 @ 5..=7,
+            rt,
+            read: false,
+        } => {
+            ExitCounters::bump(&vm.exits.sgi);
+            if op2 == 5 {
+                let value = if rt == 31 { 0 } else { regs.x[rt as usize] };
+                vm.vgic.write_sgi1r(v, value);
+            }
+            regs.elr += trap::instruction_len(esr);
+        }
         other => {
             stop_vm(
                 vm,
@@ -1303,6 +1440,7 @@ fn inject_abort(
     far: u64,
     why: core::fmt::Arguments<'_>,
 ) {
+    ExitCounters::bump(&vm.exits.aborts);
     info!(
         "injected abort into VM {:?} vCPU {v} at pc {:#x}: {why}",
         vm.config.name, regs.elr
@@ -1414,6 +1552,7 @@ fn stop_vm(vm: &Vm, reason: StopReason, detail: core::fmt::Arguments<'_>) {
     if let Some(p) = &vm.power_ctrl {
         p.quiesce();
     }
+    vm.vgic.release_phys();
     power::schedule_autosuspend();
     if let Some(c) = &vm.console {
         c.flush();
@@ -1446,6 +1585,18 @@ fn end_run(mut status: u32) -> ! {
         status = status.max(run::EXIT_HYP_PANIC);
     }
     for vm in VMS.get().into_iter().flatten() {
+        let e = &vm.exits;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        info!(
+            "{}: guest exits: {} MMIO, {} HVC/SMC, {} WFI, {} SGI writes, {} interrupts, {} aborts injected",
+            vm.config.name,
+            n(&e.mmio),
+            n(&e.calls),
+            n(&e.wfi),
+            n(&e.sgi),
+            n(&e.irq),
+            n(&e.aborts)
+        );
         if let Some(v) = &vm.vsmmu {
             let st = v.stats();
             info!(

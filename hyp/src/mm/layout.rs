@@ -139,6 +139,7 @@ mod tests {
             stream_ids: &[],
             payload_name: "selftest",
             payload: &[],
+            initrd: &[],
             bootargs: None,
             test_services: false,
             power_controller_ipa: None,

@@ -1,0 +1,289 @@
+//! Interrupts on the target: each VM's virtual GIC (`crate::vgic`) wired to this CPU's list
+//! registers and to the physical GIC, and the dispatch of physical interrupts taken at EL2.
+//!
+//! - A VM's SPIs: the INTx lines of its PCI functions (physical SPIs forwarded with the list
+//!   register's HW bit: the guest's deactivation deactivates the physical one), the emulated
+//!   SMMU's interrupts and its console's (virtual, raised by the hypervisor). Nothing else exists
+//!   for it.
+//! - The virtual timer's PPI is forwarded the same way to the vCPU of the CPU it fired on.
+//! - A kick is the physical SGI [`gic::SGI_KICK`]: the target CPU leaves its guest (or its WFI),
+//!   re-reads its list registers and refills them.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use log::warn;
+use spin::Once;
+
+use super::{CPUS, VMS, Vm, hyp_timer_intid, power};
+use crate::arch::{gic, ich, platform, sysreg};
+use crate::dt::Machine;
+use crate::smmu::vsmmu::VsmmuIrq;
+use crate::vgic::{
+    ListRegs, MAINTENANCE_PPI, PhysIrqOps, SpiConfig, SpiKind, VTIMER_PPI, VcpuKick, Vgic,
+    VgicConfig,
+};
+
+/// This CPU's list registers (each pCPU runs one vCPU, so they are never switched).
+pub struct HwLrs(usize);
+
+impl HwLrs {
+    pub fn new() -> Self {
+        Self(ich::num_lrs())
+    }
+}
+
+impl ListRegs for HwLrs {
+    fn num_lrs(&self) -> usize {
+        self.0
+    }
+    fn read_lr(&self, n: usize) -> u64 {
+        ich::read_lr(n)
+    }
+    fn write_lr(&mut self, n: usize, value: u64) {
+        ich::write_lr(n, value)
+    }
+    fn write_hcr(&mut self, value: u64) {
+        ich::write_hcr(value)
+    }
+    fn read_misr(&self) -> u64 {
+        ich::misr()
+    }
+    fn read_elrsr(&self) -> u64 {
+        ich::elrsr()
+    }
+}
+
+/// The physical GIC as one VM's forwarded interrupts use it: vCPU `i` runs on the CPU with
+/// affinity `mpidrs[i]`.
+struct GicPhys {
+    layout: gic::GicLayout,
+    mpidrs: Vec<u64>,
+}
+
+impl PhysIrqOps for GicPhys {
+    fn enable(&self, pintid: u32) {
+        gic::spi_enable(&self.layout, pintid, true);
+    }
+    fn disable(&self, pintid: u32) {
+        gic::spi_enable(&self.layout, pintid, false);
+    }
+    fn route(&self, pintid: u32, vcpu: usize) {
+        gic::spi_route(&self.layout, pintid, self.mpidrs[vcpu]);
+    }
+    fn deactivate(&self, pintid: u32, vcpu: usize) {
+        if pintid < 32 {
+            gic::ppi_deactivate(&self.layout, self.mpidrs[vcpu], pintid);
+        } else {
+            gic::spi_deactivate(&self.layout, pintid);
+        }
+    }
+}
+
+/// Kicks a vCPU's CPU out of its guest or its WFI.
+struct Kicker {
+    mpidrs: Vec<u64>,
+}
+
+impl VcpuKick for Kicker {
+    fn kick(&self, vcpu: usize) {
+        let target = self.mpidrs[vcpu];
+        // This CPU flushes before it re-enters its guest anyway.
+        if target != sysreg::mpidr() {
+            gic::send_sgi(gic::SGI_KICK, target);
+        }
+    }
+}
+
+/// The SPIs a VM owns, from its devices. `intx` are the physical INTx SPIs of its PCI functions.
+pub fn vm_spis(machine: &Machine, intx: &[u32], vsmmu: bool, console: bool) -> Vec<SpiConfig> {
+    let mut spis: Vec<SpiConfig> = Vec::new();
+    for &p in intx {
+        if !spis.iter().any(|s| s.vintid == p) {
+            spis.push(SpiConfig {
+                vintid: p,
+                kind: SpiKind::Hw { pintid: p },
+                edge: false,
+            });
+        }
+    }
+    let mut virt = |irq: &crate::dt::Irq| {
+        let vintid = irq.intid();
+        if vintid >= 32 && !spis.iter().any(|s| s.vintid == vintid) {
+            spis.push(SpiConfig {
+                vintid,
+                kind: SpiKind::Virtual,
+                edge: irq.trigger & 0xf == 1,
+            });
+        }
+    };
+    if vsmmu && let Some(s) = machine.smmus.first() {
+        s.irqs.iter().for_each(&mut virt);
+    }
+    if console && let Some(irq) = machine.uart.as_ref().and_then(|u| u.irq) {
+        virt(&irq);
+    }
+    spis
+}
+
+/// Builds a VM's vGIC for its vCPUs on `pcpus` (indices into the machine's CPUs) and configures
+/// its forwarded SPIs in the physical distributor (disabled until the guest enables them).
+pub fn build_vgic(
+    machine: &Machine,
+    pcpus: &[usize],
+    spis: &[SpiConfig],
+) -> Result<Arc<Vgic>, crate::vgic::VgicError> {
+    let layout = super::gic_layout(machine);
+    let mpidrs: Vec<u64> = pcpus.iter().map(|&p| machine.cpus[p].mpidr).collect();
+    for s in spis {
+        if let SpiKind::Hw { pintid } = s.kind {
+            gic::spi_enable(&layout, pintid, false);
+            gic::spi_configure(&layout, pintid, s.edge, 0xa0, mpidrs[0]);
+        }
+    }
+    let phys = Arc::new(GicPhys {
+        layout,
+        mpidrs: mpidrs.clone(),
+    });
+    Vgic::new(
+        &VgicConfig::new(pcpus.len(), spis),
+        phys,
+        Arc::new(Kicker { mpidrs }),
+    )
+}
+
+/// The emulated SMMU's interrupts, as virtual SPIs (the host DT's order on QEMU: eventq, priq,
+/// cmdq-sync, gerror).
+pub struct VsmmuSpis {
+    pub vgic: Arc<Vgic>,
+    pub eventq: Option<u32>,
+    pub cmd_sync: Option<u32>,
+    pub gerror: Option<u32>,
+}
+
+impl VsmmuSpis {
+    pub fn new(vgic: Arc<Vgic>, machine: &Machine) -> Self {
+        let irq = |i: usize| {
+            machine
+                .smmus
+                .first()
+                .and_then(|s| s.irqs.get(i))
+                .map(|q| q.intid())
+        };
+        Self {
+            vgic,
+            eventq: irq(0),
+            cmd_sync: irq(2),
+            gerror: irq(3),
+        }
+    }
+
+    fn raise(&self, intid: Option<u32>) {
+        if let Some(i) = intid
+            && let Err(e) = self.vgic.inject_spi(i)
+        {
+            warn!("vSMMU interrupt {i}: {e}");
+        }
+    }
+}
+
+impl VsmmuIrq for VsmmuSpis {
+    fn eventq(&self) {
+        self.raise(self.eventq);
+    }
+    fn gerror(&self) {
+        self.raise(self.gerror);
+    }
+    fn cmd_sync(&self) {
+        self.raise(self.cmd_sync);
+    }
+}
+
+/// Which VM each forwarded physical SPI belongs to (built once every VM exists).
+static SPI_OWNERS: Once<Vec<(u32, usize)>> = Once::new();
+
+/// Records the forwarded SPIs of every VM; fatal if two VMs share one.
+pub fn record_owners(vms: &[Vm]) -> Result<(), (u32, usize, usize)> {
+    let mut owners: Vec<(u32, usize)> = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        for &p in &vm.forwarded_spis {
+            if let Some(&(_, other)) = owners.iter().find(|(q, _)| *q == p) {
+                return Err((p, other, i));
+            }
+            owners.push((p, i));
+        }
+    }
+    SPI_OWNERS.call_once(|| owners);
+    Ok(())
+}
+
+/// The VM and vCPU this CPU runs, if any.
+fn current_vcpu() -> Option<(&'static Vm, usize)> {
+    let me = sysreg::mpidr();
+    let cpu = CPUS.get()?.iter().find(|c| c.mpidr == me)?;
+    let (vm, v) = cpu.owner?;
+    Some((&VMS.get()?[vm], v))
+}
+
+/// Handles the physical interrupts pending on this CPU (taken from a guest or at EL2).
+pub fn handle_irq() {
+    loop {
+        let intid = gic::ack();
+        if intid >= gic::SPURIOUS {
+            return;
+        }
+        match intid {
+            gic::SGI_KICK | MAINTENANCE_PPI => gic::eoi(intid),
+            _ if Some(intid) == super::MACHINE.get().map(hyp_timer_intid) => {
+                platform::hyp_timer_stop();
+                gic::eoi(intid);
+                super::TIMER_FIRED.store(true, core::sync::atomic::Ordering::Release);
+                power::timer_tick();
+            }
+            VTIMER_PPI => {
+                gic::eoi_forwarded(intid);
+                let delivered = current_vcpu()
+                    .map(|(vm, v)| vm.vgic.inject_phys_ppi(v, intid).is_ok())
+                    .unwrap_or(false);
+                if !delivered {
+                    gic::deactivate(intid);
+                }
+            }
+            32..=1019 => {
+                gic::eoi_forwarded(intid);
+                let owner = SPI_OWNERS
+                    .get()
+                    .and_then(|o| o.iter().find(|(p, _)| *p == intid))
+                    .and_then(|&(_, vm)| VMS.get().map(|v| &v[vm]));
+                match owner.map(|vm| vm.vgic.inject_phys_spi(intid)) {
+                    Some(Ok(())) => {}
+                    other => {
+                        warn!("SPI {intid} has no VM to take it ({other:?})");
+                        gic::deactivate(intid);
+                    }
+                }
+            }
+            other => {
+                warn!("unexpected interrupt {other}");
+                gic::eoi(other);
+            }
+        }
+    }
+}
+
+/// A guest WFI: sleeps until vCPU `v` has an interrupt to take (or its VM stops). Interrupts
+/// stay masked across the check and the WFI, which still wakes on a pending one, so a kick
+/// between the two is never lost; they are unmasked only to take what woke us.
+pub fn wait_for_interrupt(vm: &Vm, v: usize) {
+    while vm.state.stopped().is_none() && !vm.vgic.has_pending(v) {
+        platform::wfi();
+        platform::irq_enable();
+        sysreg::isb();
+        platform::irq_disable();
+    }
+}
+
+/// Sets up this CPU's virtual CPU interface for a vCPU that (re)starts.
+pub fn reset_vcpu_interface() {
+    ich::reset(ich::num_lrs());
+}
