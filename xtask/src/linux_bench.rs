@@ -3,7 +3,9 @@
 //! of the virtio-blk disk, then power off) on the same QEMU machine two ways, alternately:
 //!
 //! - `hyp`: the hypervisor with the Linux variant of `qemu-virt` (`linux::variant`), Linux in
-//!   vm0 on CPUs 0-1 behind the emulated SMMU, the selftest guest in vm1 beside it;
+//!   vm0 on CPUs 0-1 behind the emulated SMMU and no other VM (`LINUX_BENCH_BESIDE=1` keeps the
+//!   selftest guest in vm1 beside it: under TCG its emulated CPUs then take host cores from
+//!   Linux's, which measures the host, not the hypervisor);
 //! - `bare`: the same QEMU command line (machine with `virtualization=on` and the SMMU, `-smp`,
 //!   `-m`, the same devices and disk) with the kernel booted directly: `-kernel <Image> -initrd
 //!   <initramfs> -append "<the VM's bootargs> maxcpus=2"`, so it runs on two CPUs like the VM.
@@ -14,7 +16,8 @@
 //! at most 1.15x, read throughput at least 0.8x of bare), and writes `target/bench/linux.json`.
 //!
 //! Environment: `LINUX_BENCH_RUNS` (runs per side, default 3), `LINUX_BENCH_ONLY` (`hyp` or
-//! `bare`: only that side, no ratios), `LINUX_BENCH_TIMEOUT` (seconds per boot, default 300),
+//! `bare`: only that side, no ratios), `LINUX_BENCH_BESIDE=1` (vm1 runs beside Linux),
+//! `LINUX_BENCH_TIMEOUT` (seconds per boot, default 300),
 //! `LINUX_BENCH_JSON` (where the JSON goes).
 
 use std::fmt::Write as _;
@@ -336,6 +339,12 @@ pub fn run() -> Result<()> {
     let root = util::root();
     let (mut file, source) = board::load(&root, systest::BOARD)?;
     linux::variant(&mut file, Mode::Bench)?;
+    let beside = env("LINUX_BENCH_BESIDE").is_some_and(|v| v == "1");
+    if !beside {
+        // Linux alone, as bare: a second VM's emulated CPUs would compete with Linux's for the
+        // host's cores, which costs nothing on hardware where each VM has its own CPUs.
+        file.vm.truncate(1);
+    }
     let board = file.validate(&source, &root.join("guests"))?;
     let payload = linux::payload(&linux::default_cache())?;
     let image = match only {

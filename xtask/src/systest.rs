@@ -62,6 +62,9 @@ pub const SCENARIOS: &[Scenario] = &[
                 "smmu-strtab-locked",
                 "smmu-garbage-cmdq",
                 "dma-after-hostile",
+                // The emulated SMMU's event queue, GERROR and CMD_SYNC interrupts reach the
+                // guest through its virtual GIC.
+                "smmu-irq",
             ] {
                 c.contains(&format!("[vm0] selftest: PASS {check}"));
                 c.contains(&format!("[vm1] selftest: PASS {check}"));
@@ -88,6 +91,7 @@ pub const SCENARIOS: &[Scenario] = &[
             c.contains("[vm0] selftest: ALL PASS");
             c.contains("[vm1] selftest: ALL PASS");
             c.contains("[vm1] selftest: PASS dma-after-hostile");
+            c.contains("[vm1] selftest: PASS smmu-irq");
             // The hypervisor's own counters agree with what the guest saw.
             c.number_at_least("hyp: SMMU power:", "power-downs", 100, u64::MAX);
             c.number_at_least("hyp: SMMU power:", "power-ups", 100, u64::MAX);
@@ -398,6 +402,7 @@ mod tests {
             "smmu-strtab-locked",
             "smmu-garbage-cmdq",
             "dma-after-hostile",
+            "smmu-irq",
         ]
         .iter()
         .flat_map(|c| {
@@ -431,7 +436,7 @@ mod tests {
     fn power_counters() {
         let line = "hyp: SMMU power: 101 power-ups, 100 power-downs, 3 ms off, 100 TLBIs skipped while off, resume last 40 us / max 90 us (boot reset 300 us), 0 power-on errors, 0 power-off errors, now Suspended\n";
         let pass = format!(
-            "[vm0] selftest: PASS smmu-power-cycle\n[vm0] selftest: ALL PASS\n[vm1] selftest: PASS dma-after-hostile\n[vm1] selftest: ALL PASS\n{line}"
+            "[vm0] selftest: PASS smmu-power-cycle\n[vm0] selftest: ALL PASS\n[vm1] selftest: PASS dma-after-hostile\n[vm1] selftest: PASS smmu-irq\n[vm1] selftest: ALL PASS\n{line}"
         );
         assert!(failures("power", &outcome(&pass, 0)).is_empty());
         let few = pass.replace("100 power-downs", "99 power-downs");

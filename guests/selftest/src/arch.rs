@@ -62,7 +62,7 @@ impl Deadline {
     }
 
     /// The counter's frequency in Hz.
-    fn freq() -> u64 {
+    pub fn freq() -> u64 {
         match cntfrq_el0() & 0xffff_ffff {
             0 => 100_000_000, // CNTFRQ not set up: assume 100 MHz
             f => f,

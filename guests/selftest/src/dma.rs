@@ -30,7 +30,10 @@
 //!
 //! Then the hostile-guest checks of `hostile.rs` (nonsense written to the SMMU is contained,
 //! reported as hardware would, and the guest's own DMA works afterwards). The stream table
-//! therefore also covers [`hostile::foreign_sid`], a StreamID the VM does not own.
+//! therefore also covers [`hostile::foreign_sid`], a StreamID the VM does not own. Then
+//! `smmu-irq` (`smmu_irq.rs`): the SMMU's eventq, gerror and cmdq-sync interrupts reach this
+//! vCPU through the GIC; it runs on the state `dma-after-hostile` leaves and turns the SMMU's
+//! interrupts off again.
 //!
 //! Power: when the DT has an emulated power controller (`hyp,gdsc-controller`, `power.rs`), the
 //! setup votes its domain 0 (the edu) on and waits for it before any DMA, since the SMMU may
@@ -49,6 +52,7 @@ use crate::pci::HostBridge;
 use crate::power::{self, PowerCtrl};
 use crate::report::{CheckResult, Msg, Report, ensure, fail};
 use crate::smmu::{self, Cmd, DmaMem, Event, IoPageTable, Smmu};
+use crate::smmu_irq;
 
 pub(crate) const PAGE: usize = 4096;
 /// The IOVAs of the source and destination pages: far from any IPA of the guest's RAM.
@@ -109,6 +113,12 @@ pub(crate) fn map_dst(i: usize) {
     unsafe { IoPageTable::set(IOPT.ptr(), IOVA_DST, Some(page(i) as u64)) };
 }
 
+/// Clears `IOVA_DST`'s entry in the edu's stage-1 table; the caller invalidates.
+pub(crate) fn unmap_dst() {
+    // SAFETY: as in `map_dst`.
+    unsafe { IoPageTable::set(IOPT.ptr(), IOVA_DST, None) };
+}
+
 /// Everything the checks share.
 pub(crate) struct Dma {
     pub(crate) smmu: Smmu,
@@ -128,6 +138,7 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool, power_cycles: O
             for name in ["dma-s1", "dma-unmap", "dma-bypass"]
                 .iter()
                 .chain(hostile::CHECKS)
+                .chain(&[smmu_irq::CHECK])
                 .chain(power_check.as_ref())
             {
                 report.record(name, Err(Msg::new(format_args!("setup: {why}"))));
@@ -149,6 +160,7 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool, power_cycles: O
     // After a DT that parsed (setup needs it): the first address past the VM's RAM.
     let ram_end = dt.and_then(|d| d.ram).map_or(0, |(b, s)| (b + s) as u64);
     hostile::run(report, &mut dma, ram_end, bare);
+    smmu_irq::run(report, &mut dma, dt);
     if let Some(cycles) = power_cycles {
         power::run(report, &mut dma, cycles, bare);
     }

@@ -18,7 +18,8 @@
 //!   standard checks plus the DMA checks (`dma.rs`: an SMMUv3 and QEMU's
 //!   `edu` PCI device, which must be given with
 //!   `-device edu,dma_mask=0xffffffffffffffff`), then the hostile-guest SMMU
-//!   checks (`hostile.rs`). When the DT has an emulated power controller
+//!   checks (`hostile.rs`), then `smmu-irq` (`smmu_irq.rs`: the SMMU's
+//!   interrupts through the GIC). When the DT has an emulated power controller
 //!   (`hyp,gdsc-controller`), its domain 0 (the edu) is voted on first;
 //! * `selftest.power`: the DMA checks (as `selftest.dma`) and then
 //!   `smmu-power-cycle` (`power.rs`): the SMMU is powered off and on through
@@ -73,6 +74,8 @@ mod edu;
 #[cfg(selftest_guest)]
 mod exception;
 #[cfg(selftest_guest)]
+mod gic;
+#[cfg(selftest_guest)]
 mod hostile;
 #[cfg(selftest_guest)]
 mod pci;
@@ -86,6 +89,8 @@ mod remap;
 mod report;
 #[cfg(selftest_guest)]
 mod smmu;
+#[cfg(selftest_guest)]
+mod smmu_irq;
 
 #[cfg(selftest_guest)]
 mod guest {

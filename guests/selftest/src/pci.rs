@@ -125,7 +125,7 @@ pub struct HostBridge {
 }
 
 /// Big-endian cells of a property.
-fn cells(value: &[u8]) -> impl Iterator<Item = u32> + '_ {
+pub(crate) fn cells(value: &[u8]) -> impl Iterator<Item = u32> + '_ {
     value
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))

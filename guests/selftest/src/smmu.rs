@@ -13,9 +13,11 @@
 //! a batch costs one `CMDQ_PROD` write and, on an SMMU that completes `CMD_SYNC` by the time the
 //! PROD write returns (the hypervisor's emulated one), one `CMDQ_CONS` read. A command error
 //! (`GERROR.CMDQ_ERR`, `CMDQ_CONS.ERR`) is recovered from as Linux does: the bad command is
-//! overwritten with a `CMD_SYNC`, the error acknowledged in `GERRORN`, and the queue resumes. No interrupts: everything is polled. The tables and queues live in
-//! this guest's .bss (VA == IPA, Normal write-back memory); the SMMU is expected to be
-//! cache-coherent (`IDR0.COHACC`, `dma-coherent` in the DT), as QEMU's is.
+//! overwritten with a `CMD_SYNC`, the error acknowledged in `GERRORN`, and the queue resumes.
+//! Everything is polled: the SMMU's interrupts are off (IRQ_CTRL = 0) except while `smmu-irq`
+//! (`smmu_irq.rs`) checks them ([`Smmu::set_irq_ctrl`], [`Cmd::SyncIrq`]). The tables and
+//! queues live in this guest's .bss (VA == IPA, Normal write-back memory); the SMMU is expected
+//! to be cache-coherent (`IDR0.COHACC`, `dma-coherent` in the DT), as QEMU's is.
 //!
 //! Register and structure layouts: Arm IHI 0070 (SMMUv3), chapters 3, 4, 5 and 6.
 
@@ -39,6 +41,8 @@ mod reg {
     pub const CR2: usize = 0x2c;
     pub const GBPA: usize = 0x44;
     pub const IRQ_CTRL: usize = 0x50;
+    pub const IRQ_CTRLACK: usize = 0x54;
+    pub const GERROR_IRQ_CFG0: usize = 0x68;
     pub const GERROR: usize = 0x60;
     pub const GERRORN: usize = 0x64;
     pub const STRTAB_BASE: usize = 0x80;
@@ -47,6 +51,7 @@ mod reg {
     pub const CMDQ_PROD: usize = 0x98;
     pub const CMDQ_CONS: usize = 0x9c;
     pub const EVTQ_BASE: usize = 0xa0;
+    pub const EVTQ_IRQ_CFG0: usize = 0xb0;
     /// Page 1.
     pub const EVTQ_PROD: usize = 0x1_00a8;
     pub const EVTQ_CONS: usize = 0x1_00ac;
@@ -77,6 +82,9 @@ mod reg {
 const CMDQ_WRAP_MASK: u32 = (2 << CMDQ_LOG2) - 1;
 pub const CMDQ_WRAP: u32 = CMDQ_WRAP_MASK;
 pub const GERROR_CMDQ_ERR: u32 = reg::GERROR_CMDQ_ERR;
+/// SMMU_IRQ_CTRL: GERROR_IRQEN and EVENTQ_IRQEN.
+pub const IRQ_CTRL_GERROR: u32 = 1 << 0;
+pub const IRQ_CTRL_EVENTQ: u32 = 1 << 2;
 
 /// Stream table capacity: stream IDs 0..=255 (bus 0).
 pub const MAX_STREAMS: usize = 256;
@@ -146,6 +154,8 @@ pub enum Cmd {
     },
     TlbiNsnhAll,
     Sync,
+    /// `CMD_SYNC` with CS = SIG_IRQ: completion also raises the cmdq-sync interrupt.
+    SyncIrq,
 }
 
 impl Cmd {
@@ -164,6 +174,8 @@ impl Cmd {
             Cmd::TlbiNsnhAll => [0x30, 0],
             // CS = 0: completion is seen by CMDQ_CONS passing it.
             Cmd::Sync => [0x46, 0],
+            // CS (bits 13:12) = 0b01, SIG_IRQ.
+            Cmd::SyncIrq => [0x46 | (1 << 12), 0],
         }
     }
 }
@@ -607,6 +619,25 @@ impl Smmu {
         // Hand the slots back; acknowledge an overflow by copying its flag.
         self.write(reg::EVTQ_CONS, cons | (prod & (1 << 31)));
         (n, overflow)
+    }
+
+    /// Sets SMMU_IRQ_CTRL to `irqen` ([`IRQ_CTRL_GERROR`], [`IRQ_CTRL_EVENTQ`]) and waits for
+    /// IRQ_CTRLACK. Interrupts go out as wired interrupts: before enabling, the MSI addresses
+    /// (`*_IRQ_CFG0`) are cleared with both sources disabled.
+    pub fn set_irq_ctrl(&self, irqen: u32) -> Result<(), Msg> {
+        for v in [0, irqen] {
+            self.write(reg::IRQ_CTRL, v);
+            ensure!(
+                wait_until(TIMEOUT_MS, || self.read(reg::IRQ_CTRLACK) == v),
+                "IRQ_CTRLACK = {:#x}, want {v:#x}",
+                self.read(reg::IRQ_CTRLACK)
+            );
+            if v == 0 {
+                self.write64(reg::GERROR_IRQ_CFG0, 0);
+                self.write64(reg::EVTQ_IRQ_CFG0, 0);
+            }
+        }
+        Ok(())
     }
 
     /// GERROR as read (errors toggle it).

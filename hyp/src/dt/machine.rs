@@ -65,6 +65,18 @@ pub struct Irq {
     pub trigger: u32,
 }
 
+impl Smmu {
+    /// The interrupt named `name` in `interrupt-names` (SMMUv3: `eventq`, `priq`, `cmdq-sync`,
+    /// `gerror`), or the one at `fallback` in DT order when the node has no names.
+    pub fn irq(&self, name: &str, fallback: usize) -> Option<Irq> {
+        if self.irq_names.is_empty() {
+            return self.irqs.get(fallback).copied();
+        }
+        let at = self.irq_names.iter().position(|n| n == name)?;
+        self.irqs.get(at).copied()
+    }
+}
+
 impl Irq {
     /// The GIC INTID: SPI n is 32 + n, PPI n is 16 + n.
     pub fn intid(&self) -> u32 {
@@ -182,6 +194,8 @@ pub struct Smmu {
     pub kind: SmmuKind,
     /// GIC interrupts in DT order (for v3: eventq, priq, cmdq-sync, gerror on QEMU).
     pub irqs: Vec<Irq>,
+    /// `interrupt-names`, one per entry of `irqs` when given (else empty).
+    pub irq_names: Vec<String>,
     /// Its phandle, which `iommus`/`iommu-map` of masters refer to.
     pub phandle: Option<u32>,
 }
@@ -572,6 +586,12 @@ fn smmus(t: &Tree<'_>) -> Result<Vec<Smmu>, DtError> {
             size: reg.size,
             kind,
             irqs: t.gic_irqs(i)?,
+            irq_names: t
+                .strings_prop(i, "interrupt-names")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(String::from)
+                .collect(),
             phandle: t.phandle(i)?,
         });
     }

@@ -163,18 +163,18 @@ pub struct VsmmuSpis {
 
 impl VsmmuSpis {
     pub fn new(vgic: Arc<Vgic>, machine: &Machine) -> Self {
-        let irq = |i: usize| {
+        let irq = |name: &str, i: usize| {
             machine
                 .smmus
                 .first()
-                .and_then(|s| s.irqs.get(i))
+                .and_then(|s| s.irq(name, i))
                 .map(|q| q.intid())
         };
         Self {
             vgic,
-            eventq: irq(0),
-            cmd_sync: irq(2),
-            gerror: irq(3),
+            eventq: irq("eventq", 0),
+            cmd_sync: irq("cmdq-sync", 2),
+            gerror: irq("gerror", 3),
         }
     }
 
@@ -196,6 +196,119 @@ impl VsmmuIrq for VsmmuSpis {
     }
     fn cmd_sync(&self) {
         self.raise(self.cmd_sync);
+    }
+}
+
+/// The physical SMMU's own interrupts (event queue, global error), taken by the hypervisor.
+static SMMU_IRQS: Once<(Option<u32>, Option<u32>)> = Once::new();
+
+/// Takes the physical SMMU's event-queue and global-error interrupts on this CPU: events are
+/// then routed to the VMs' emulated SMMUs (and their interrupts raised) as they happen, not
+/// only when a guest polls its event queue.
+pub fn init_smmu_irqs(machine: &Machine) {
+    let Some(s) = machine.smmus.first() else {
+        return;
+    };
+    let layout = super::gic_layout(machine);
+    let take = |irq: Option<crate::dt::Irq>| {
+        let irq = irq.filter(|q| q.intid() >= 32)?;
+        let intid = irq.intid();
+        gic::spi_enable(&layout, intid, false);
+        gic::spi_configure(
+            &layout,
+            intid,
+            irq.trigger & 0xf == 1,
+            0x80,
+            sysreg::mpidr(),
+        );
+        gic::spi_enable(&layout, intid, true);
+        Some(intid)
+    };
+    let eventq = take(s.irq("eventq", 0));
+    let gerror = take(s.irq("gerror", 3));
+    SMMU_IRQS.call_once(|| (eventq, gerror));
+}
+
+/// The console UART's receive interrupt, taken by the hypervisor, and the VM its input goes to.
+static CONSOLE_INPUT: Once<(u32, usize)> = Once::new();
+
+/// Console input: the host UART's receive interrupt goes to this CPU, and what is typed goes to
+/// the emulated PL011 of the first VM with a console (whose output switches to raw, unprefixed
+/// characters once input arrives, so that a shell's prompt and echo show as typed).
+pub fn init_console_input(machine: &Machine, vms: &[Vm]) {
+    let Some(uart) = super::EARLY_UART.get() else {
+        return;
+    };
+    let Some(irq) = machine
+        .uart
+        .as_ref()
+        .filter(|u| u.base == super::board().early_console.unwrap_or(u64::MAX))
+        .and_then(|u| u.irq)
+        .filter(|q| q.intid() >= 32)
+    else {
+        return;
+    };
+    let Some(focus) = vms.iter().position(|vm| vm.console.is_some()) else {
+        return;
+    };
+    let layout = super::gic_layout(machine);
+    let intid = irq.intid();
+    gic::spi_enable(&layout, intid, false);
+    gic::spi_configure(
+        &layout,
+        intid,
+        irq.trigger & 0xf == 1,
+        0x90,
+        sysreg::mpidr(),
+    );
+    CONSOLE_INPUT.call_once(|| (intid, focus));
+    uart.enable_rx_interrupt();
+    gic::spi_enable(&layout, intid, true);
+}
+
+/// Moves what the host UART received into the focus VM's console.
+fn console_input() {
+    let (Some(uart), Some(&(_, focus))) = (super::EARLY_UART.get(), CONSOLE_INPUT.get()) else {
+        return;
+    };
+    // Clear first: QEMU's PL011 interrupts only when its FIFO goes from empty to non-empty.
+    uart.clear_rx_interrupt();
+    let mut buf = [0u8; 64];
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match uart.read_byte() {
+                Some(b) => {
+                    buf[n] = b;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        if let Some(dev) = VMS.get().and_then(|v| v[focus].console.as_ref()) {
+            dev.set_raw(true);
+            dev.push_rx(&buf[..n]);
+        }
+        if n < buf.len() {
+            return;
+        }
+    }
+}
+
+/// A VM console's interrupt output, as a level on its virtual SPI.
+pub struct ConsoleIrq {
+    pub vgic: Arc<Vgic>,
+    pub intid: u32,
+}
+
+impl crate::vdev::IrqLine for ConsoleIrq {
+    fn set_level(&self, level: bool) {
+        if let Err(e) = self.vgic.set_level(self.intid, level) {
+            warn!("console interrupt {}: {e}", self.intid);
+        }
     }
 }
 
@@ -239,6 +352,18 @@ pub fn handle_irq() {
                 gic::eoi(intid);
                 super::TIMER_FIRED.store(true, core::sync::atomic::Ordering::Release);
                 power::timer_tick();
+            }
+            _ if CONSOLE_INPUT.get().is_some_and(|&(i, _)| i == intid) => {
+                gic::eoi(intid);
+                console_input();
+            }
+            _ if SMMU_IRQS.get().is_some_and(|&(e, _)| e == Some(intid)) => {
+                gic::eoi(intid);
+                super::route_smmu_events();
+            }
+            _ if SMMU_IRQS.get().is_some_and(|&(_, g)| g == Some(intid)) => {
+                gic::eoi(intid);
+                super::smmu_gerror();
             }
             VTIMER_PPI => {
                 gic::eoi_forwarded(intid);

@@ -164,6 +164,9 @@ impl ConsoleSink for GuestConsoleSink {
     fn write_line(&self, line: &str) {
         console::print_line(format_args!("{line}"));
     }
+    fn write_raw(&self, bytes: &[u8]) {
+        console::print_raw(bytes);
+    }
 }
 static GUEST_SINK: GuestConsoleSink = GuestConsoleSink;
 
@@ -345,6 +348,10 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
             .flat_map(|v| v.stream_ids().iter().map(move |&sid| (sid, v.clone())))
             .collect()
     });
+    if smmu.is_some() {
+        irq::init_smmu_irqs(machine);
+    }
+    irq::init_console_input(machine, &vms);
     let mut owners: Vec<Option<(usize, usize)>> = alloc::vec![None; machine.cpus.len()];
     for (vi, vm) in vms.iter().enumerate() {
         for (v, &p) in vm.pcpus.iter().enumerate() {
@@ -785,6 +792,24 @@ fn route_smmu_events() {
     host.driver.drain_events(route_event);
 }
 
+/// The physical SMMU reported a global error: recover (the driver acknowledges it and skips a
+/// failed command) and log it.
+fn smmu_gerror() {
+    let Some(host) = SMMU.get().and_then(Option::as_ref) else {
+        return;
+    };
+    let _pin = match power::domain() {
+        Some(d) => match d.get_if_active() {
+            Some(pin) => Some(pin),
+            None => return,
+        },
+        None => None,
+    };
+    if let Some(g) = host.driver.gerror() {
+        warn!("SMMU global error {g:#x}");
+    }
+}
+
 /// Sends one physical event to the VM that owns its stream, or logs it.
 fn route_event(ev: crate::smmu::v3::event::Event) {
     let owner = SID_OWNERS
@@ -940,6 +965,12 @@ fn create_vm(
         .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: virtual redistributors: {e}")));
     let console = config.console_ipa.map(|ipa| {
         let dev = Arc::new(VirtPl011::new(name, &GUEST_SINK));
+        if let Some(irq) = machine.uart.as_ref().and_then(|u| u.irq) {
+            dev.set_irq(Arc::new(irq::ConsoleIrq {
+                vgic: vgic.clone(),
+                intid: irq.intid(),
+            }));
+        }
         mmio.register(ipa, 0x1000, dev.clone())
             .unwrap_or_else(|e| fatal(format_args!("VM {name:?}: console: {e}")));
         dev

@@ -4,5 +4,5 @@ pub mod pci_ecam;
 pub mod pl011;
 pub mod power_ctrl;
 
-pub use pl011::{ConsoleSink, PL011_MMIO_SIZE, VirtPl011};
+pub use pl011::{ConsoleSink, IrqLine, PL011_MMIO_SIZE, VirtPl011};
 pub use power_ctrl::{POWER_CTRL_MMIO_SIZE, PowerDomain, VirtPowerCtrl};
