@@ -212,21 +212,27 @@ pub fn init_smmu_irqs(machine: &Machine) {
     let layout = super::gic_layout(machine);
     let take = |irq: Option<crate::dt::Irq>| {
         let irq = irq.filter(|q| q.intid() >= 32)?;
-        let intid = irq.intid();
-        gic::spi_enable(&layout, intid, false);
-        gic::spi_configure(
-            &layout,
-            intid,
-            irq.trigger & 0xf == 1,
-            0x80,
-            sysreg::mpidr(),
-        );
-        gic::spi_enable(&layout, intid, true);
-        Some(intid)
+        Some(take_spi(&layout, irq, 0x80))
     };
     let eventq = take(s.irq("eventq", 0));
     let gerror = take(s.irq("gerror", 3));
     SMMU_IRQS.call_once(|| (eventq, gerror));
+}
+
+/// Configures SPI `irq` as one of the hypervisor's own, at `priority`, routed to this CPU, and
+/// enables it. Returns its INTID.
+fn take_spi(layout: &gic::GicLayout, irq: crate::dt::Irq, priority: u8) -> u32 {
+    let intid = irq.intid();
+    gic::spi_enable(layout, intid, false);
+    gic::spi_configure(
+        layout,
+        intid,
+        irq.trigger & 0xf == 1,
+        priority,
+        sysreg::mpidr(),
+    );
+    gic::spi_enable(layout, intid, true);
+    intid
 }
 
 /// The console UART's receive interrupt, taken by the hypervisor, and the VM its input goes to.
@@ -251,19 +257,9 @@ pub fn init_console_input(machine: &Machine, vms: &[Vm]) {
     let Some(focus) = vms.iter().position(|vm| vm.console.is_some()) else {
         return;
     };
-    let layout = super::gic_layout(machine);
-    let intid = irq.intid();
-    gic::spi_enable(&layout, intid, false);
-    gic::spi_configure(
-        &layout,
-        intid,
-        irq.trigger & 0xf == 1,
-        0x90,
-        sysreg::mpidr(),
-    );
-    CONSOLE_INPUT.call_once(|| (intid, focus));
+    CONSOLE_INPUT.call_once(|| (irq.intid(), focus));
     uart.enable_rx_interrupt();
-    gic::spi_enable(&layout, intid, true);
+    take_spi(&super::gic_layout(machine), irq, 0x90);
 }
 
 /// Moves what the host UART received into the focus VM's console.

@@ -573,6 +573,10 @@ fn stage2_config(machine: &Machine) -> Stage2Config {
         smmu_bbm_ok &= caps.bbml >= 2;
         coherent &= caps.coherent_walk;
     }
+    // No larger than the VMs' address maps need: every level saved shortens each walk of the
+    // CPUs and the SMMU (QEMU virt: 40 bits, for its high PCIe window, instead of 44).
+    let hw_bits = ipa_bits;
+    ipa_bits = ipa_bits.min(layout::ipa_bits_for(ipa_top(machine)));
     // Every VM shares the same choice until SMMU streams are attached per VM: a VM's stage 2 may
     // be walked by any SMMU that has one of its devices behind it.
     let split = if cpu_bbm >= 2 && smmu_bbm_ok {
@@ -583,7 +587,7 @@ fn stage2_config(machine: &Machine) -> Stage2Config {
         SplitPolicy::BreakBeforeMake
     };
     info!(
-        "stage 2: {ipa_bits}-bit IPA (CPU {cpu_bits}-bit PA), CPU BBM level {cpu_bbm}, splits {split:?}, {}coherent walks",
+        "stage 2: {ipa_bits}-bit IPA (hardware allows {hw_bits}, CPU {cpu_bits}-bit PA), CPU BBM level {cpu_bbm}, splits {split:?}, {}coherent walks",
         if coherent { "" } else { "non-" }
     );
     Stage2Config {
@@ -591,6 +595,31 @@ fn stage2_config(machine: &Machine) -> Stage2Config {
         split,
         coherent_walk: coherent,
     }
+}
+
+/// The end of the highest IPA any VM may use: its RAM and devices, the emulated devices (at
+/// their host addresses) and the PCIe windows its BARs are placed in (IPA = PA).
+fn ipa_top(machine: &Machine) -> u64 {
+    let mut top = 0u64;
+    let mut cover = |base: u64, size: u64| top = top.max(base.saturating_add(size));
+    for vm in board().vms {
+        vm.memory.iter().for_each(|m| cover(m.ipa, m.size));
+        vm.devices.iter().for_each(|d| cover(d.ipa, d.size));
+        for ipa in [vm.console_ipa, vm.power_controller_ipa]
+            .into_iter()
+            .flatten()
+        {
+            cover(ipa, 0x1000);
+        }
+    }
+    cover(machine.gic.gicd.base, machine.gic.gicd.size);
+    machine.gic.gicr.iter().for_each(|r| cover(r.base, r.size));
+    machine.smmus.iter().for_each(|s| cover(s.base, s.size));
+    if let Some(p) = &machine.pcie {
+        cover(p.ecam.base, p.ecam.size);
+        p.ranges.iter().for_each(|r| cover(r.cpu_addr, r.size));
+    }
+    top
 }
 
 /// The SMMUv3 the hypervisor drives, with its lock-free command queue.
@@ -718,17 +747,14 @@ impl PhysSmmu for PhysSmmuPort {
     }
 
     fn sync(&self) -> Result<(), PhysError> {
-        let _pin = match power::domain() {
-            Some(d) => match d.get_if_active() {
-                Some(pin) => Some(pin),
-                None => return Ok(()),
-            },
-            None => None,
-        };
-        self.0.cmdq.issue(&[], true).map_err(|e| {
-            warn!("SMMU: CMD_SYNC: {e:?}");
-            PhysError::Timeout
+        // Off: every command issued before it went off has completed (suspend drained them).
+        power::if_powered(|| {
+            self.0.cmdq.issue(&[], true).map_err(|e| {
+                warn!("SMMU: CMD_SYNC: {e:?}");
+                PhysError::Timeout
+            })
         })
+        .unwrap_or(Ok(()))
     }
 
     fn idr(&self) -> [u32; 6] {
@@ -782,14 +808,7 @@ fn route_smmu_events() {
         return;
     };
     // A powered-off SMMU has no events: suspend drained them.
-    let _pin = match power::domain() {
-        Some(d) => match d.get_if_active() {
-            Some(pin) => Some(pin),
-            None => return,
-        },
-        None => None,
-    };
-    host.driver.drain_events(route_event);
+    power::if_powered(|| host.driver.drain_events(route_event));
 }
 
 /// The physical SMMU reported a global error: recover (the driver acknowledges it and skips a
@@ -798,14 +817,7 @@ fn smmu_gerror() {
     let Some(host) = SMMU.get().and_then(Option::as_ref) else {
         return;
     };
-    let _pin = match power::domain() {
-        Some(d) => match d.get_if_active() {
-            Some(pin) => Some(pin),
-            None => return,
-        },
-        None => None,
-    };
-    if let Some(g) = host.driver.gerror() {
+    if let Some(Some(g)) = power::if_powered(|| host.driver.gerror()) {
         warn!("SMMU global error {g:#x}");
     }
 }

@@ -169,6 +169,19 @@ pub fn domain() -> Option<&'static SmmuDomain> {
     DOMAIN.get()
 }
 
+/// Runs `f` with the SMMU pinned on if it is powered (or has no power domain), never powering
+/// it up: `None` when it is off (or going off) and `f` did not run. For work that only makes
+/// sense on a powered SMMU and has nothing to catch up on later (a sync, draining events).
+pub fn if_powered<R>(f: impl FnOnce() -> R) -> Option<R> {
+    match domain() {
+        None => Some(f()),
+        Some(d) => {
+            let _pin = d.get_if_active()?;
+            Some(f())
+        }
+    }
+}
+
 /// Arms this CPU's EL2 timer for the domain's autosuspend deadline, if it is idle.
 pub fn schedule_autosuspend() {
     let Some(d) = domain() else { return };

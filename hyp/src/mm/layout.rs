@@ -116,8 +116,32 @@ pub fn plan(
     Ok(Plan { image, pool })
 }
 
+/// The smallest stage-2 input size (IPA bits, at least 32) that covers every IPA below `top`
+/// (exclusive). A smaller IPA space means fewer stage-2 levels for every walker: with 4 KiB
+/// pages, 40 bits start at level 1 (two concatenated tables) where 44 bits need level 0.
+pub fn ipa_bits_for(top: u64) -> u32 {
+    let needed = match top {
+        0 | 1 => 1,
+        t => 64 - (t - 1).leading_zeros(),
+    };
+    needed.max(32)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ipa_bits_cover_the_top() {
+        use super::ipa_bits_for;
+        assert_eq!(ipa_bits_for(0), 32);
+        assert_eq!(ipa_bits_for(0x8400_0000), 32);
+        assert_eq!(ipa_bits_for(1 << 32), 32);
+        assert_eq!(ipa_bits_for((1 << 32) + 1), 33);
+        // QEMU virt: the high PCIe window ends exactly at 1 TiB.
+        assert_eq!(ipa_bits_for(0x100_0000_0000), 40);
+        assert_eq!(ipa_bits_for(0x100_0000_0001), 41);
+        assert_eq!(ipa_bits_for(u64::MAX), 64);
+    }
+
     use super::*;
     use crate::config::MemRegion;
 
