@@ -62,6 +62,11 @@ pub const SCENARIOS: &[Scenario] = &[
                 "smmu-strtab-locked",
                 "smmu-garbage-cmdq",
                 "dma-after-hostile",
+                // Whatever a guest writes to its virtual GIC (every SPI register, reserved
+                // offsets, other redistributors, SGIs to foreign affinities) touches only its
+                // own interrupts; `smmu-irq` then proves the hypervisor's own SMMU interrupt
+                // still works.
+                "gic-hostile",
                 // The emulated SMMU's event queue, GERROR and CMD_SYNC interrupts reach the
                 // guest through its virtual GIC.
                 "smmu-irq",
@@ -402,6 +407,7 @@ mod tests {
             "smmu-strtab-locked",
             "smmu-garbage-cmdq",
             "dma-after-hostile",
+            "gic-hostile",
             "smmu-irq",
         ]
         .iter()

@@ -494,7 +494,7 @@ pub(crate) fn probe_read(addr: u64) -> (Probe, u32) {
 }
 
 /// A 32-bit store of `value` to `addr`.
-fn probe_write(addr: u64, value: u32) -> Probe {
+pub(crate) fn probe_write(addr: u64, value: u32) -> Probe {
     let mut pc = 0;
     let taken = exception::expect_abort(|| {
         // SAFETY: as for `probe_read`; if the location is (wrongly) mapped,

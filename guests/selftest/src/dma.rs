@@ -31,9 +31,11 @@
 //! Then the hostile-guest checks of `hostile.rs` (nonsense written to the SMMU is contained,
 //! reported as hardware would, and the guest's own DMA works afterwards). The stream table
 //! therefore also covers [`hostile::foreign_sid`], a StreamID the VM does not own. Then
-//! `smmu-irq` (`smmu_irq.rs`): the SMMU's eventq, gerror and cmdq-sync interrupts reach this
-//! vCPU through the GIC; it runs on the state `dma-after-hostile` leaves and turns the SMMU's
-//! interrupts off again.
+//! `gic-hostile` (`gic_hostile.rs`, not with `selftest.bare`): nonsense written to the VM's GIC
+//! reaches no interrupt but the VM's own, and the GIC is left as it was (it needs no DMA and
+//! also runs when the setup failed). Then `smmu-irq` (`smmu_irq.rs`): the SMMU's eventq, gerror
+//! and cmdq-sync interrupts reach this vCPU through the GIC; it runs on the state
+//! `dma-after-hostile` leaves and turns the SMMU's interrupts off again.
 //!
 //! Power: when the DT has an emulated power controller (`hyp,gdsc-controller`, `power.rs`), the
 //! setup votes its domain 0 (the edu) on and waits for it before any DMA, since the SMMU may
@@ -47,6 +49,7 @@ use fdt::Fdt;
 use crate::console::println;
 use crate::dt::DtInfo;
 use crate::edu::{self, Edu};
+use crate::gic_hostile;
 use crate::hostile;
 use crate::pci::HostBridge;
 use crate::power::{self, PowerCtrl};
@@ -134,13 +137,16 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool, power_cycles: O
     let mut dma = match setup(dt) {
         Ok(d) => d,
         Err(why) => {
-            let power_check = power_cycles.map(|_| power::CHECK);
             for name in ["dma-s1", "dma-unmap", "dma-bypass"]
                 .iter()
                 .chain(hostile::CHECKS)
-                .chain(&[smmu_irq::CHECK])
-                .chain(power_check.as_ref())
             {
+                report.record(name, Err(Msg::new(format_args!("setup: {why}"))));
+            }
+            // Needs no DMA: it runs anyway.
+            gic_hostile::run(report, dt, bare);
+            let power_check = power_cycles.map(|_| power::CHECK);
+            for name in [smmu_irq::CHECK].iter().chain(power_check.as_ref()) {
                 report.record(name, Err(Msg::new(format_args!("setup: {why}"))));
             }
             return;
@@ -160,6 +166,7 @@ pub fn run(report: &mut Report, dt: Option<&DtInfo>, bare: bool, power_cycles: O
     // After a DT that parsed (setup needs it): the first address past the VM's RAM.
     let ram_end = dt.and_then(|d| d.ram).map_or(0, |(b, s)| (b + s) as u64);
     hostile::run(report, &mut dma, ram_end, bare);
+    gic_hostile::run(report, dt, bare);
     smmu_irq::run(report, &mut dma, dt);
     if let Some(cycles) = power_cycles {
         power::run(report, &mut dma, cycles, bare);

@@ -87,21 +87,9 @@ fn phandle(node: FdtNode<'_, '_>) -> Option<u32> {
         .map(|p| p as u32)
 }
 
-/// The interrupt of `node` named `name` in its `interrupt-names`, if it has one: a GICv3 SPI
-/// or PPI specifier (`<type number flags>`, type 0 = SPI → INTID 32 + number, 1 = PPI → 16 +
-/// number; flags 1 = rising edge). The interrupt parent (the node's `interrupt-parent`, else the
-/// root's) must be the GIC.
-pub fn named_irq(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, name: &str) -> Result<Option<Irq>, Msg> {
-    let Some(names) = node.property("interrupt-names") else {
-        fail!("{}: no interrupt-names", node.name);
-    };
-    let Some(index) = names
-        .value
-        .split(|&b| b == 0)
-        .position(|n| n == name.as_bytes())
-    else {
-        return Ok(None);
-    };
+/// `#interrupt-cells` of the GIC, after checking that `node`'s interrupt parent (its
+/// `interrupt-parent`, else the root's) is the GIC.
+fn gic_cells(fdt: &Fdt<'_>, node: FdtNode<'_, '_>) -> Result<usize, Msg> {
     let gic = gic_node(fdt)?;
     let parent = node
         .property("interrupt-parent")
@@ -124,6 +112,42 @@ pub fn named_irq(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, name: &str) -> Result<Opt
         "{}: #interrupt-cells = {ncells}, want 3 or 4",
         gic.name
     );
+    Ok(ncells)
+}
+
+/// A GICv3 SPI or PPI specifier (`<type number flags>`) of `node`, `what` naming it in messages.
+fn decode(node: FdtNode<'_, '_>, spec: [u32; 3], what: &str) -> Result<Irq, Msg> {
+    let [kind, number, flags] = spec;
+    let intid = match (kind, number) {
+        (0, 0..=987) => 32 + number,
+        (1, 0..=15) => 16 + number,
+        _ => fail!(
+            "{}: unsupported interrupt specifier <{kind} {number} {flags:#x}> ({what})",
+            node.name
+        ),
+    };
+    Ok(Irq {
+        intid,
+        edge: flags & 0xf == 1,
+    })
+}
+
+/// The interrupt of `node` named `name` in its `interrupt-names`, if it has one: a GICv3 SPI
+/// or PPI specifier (`<type number flags>`, type 0 = SPI → INTID 32 + number, 1 = PPI → 16 +
+/// number; flags 1 = rising edge). The interrupt parent (the node's `interrupt-parent`, else the
+/// root's) must be the GIC.
+pub fn named_irq(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, name: &str) -> Result<Option<Irq>, Msg> {
+    let Some(names) = node.property("interrupt-names") else {
+        fail!("{}: no interrupt-names", node.name);
+    };
+    let Some(index) = names
+        .value
+        .split(|&b| b == 0)
+        .position(|n| n == name.as_bytes())
+    else {
+        return Ok(None);
+    };
+    let ncells = gic_cells(fdt, node)?;
     let Some(prop) = node.property("interrupts") else {
         fail!("{}: no interrupts", node.name);
     };
@@ -131,18 +155,53 @@ pub fn named_irq(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, name: &str) -> Result<Opt
     let (Some(kind), Some(number), Some(flags)) = (spec.next(), spec.next(), spec.next()) else {
         fail!("{}: no interrupts entry {index} ({name})", node.name);
     };
-    let intid = match (kind, number) {
-        (0, 0..=987) => 32 + number,
-        (1, 0..=15) => 16 + number,
-        _ => fail!(
-            "{}: unsupported interrupt specifier <{kind} {number} {flags:#x}> ({name})",
-            node.name
-        ),
+    decode(node, [kind, number, flags], name).map(Some)
+}
+
+/// Calls `f` with every interrupt of `node`'s `interrupts` (as [`named_irq`] decodes them), in
+/// order.
+pub fn irqs(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, mut f: impl FnMut(Irq)) -> Result<(), Msg> {
+    let ncells = gic_cells(fdt, node)?;
+    let Some(prop) = node.property("interrupts") else {
+        fail!("{}: no interrupts", node.name);
     };
-    Ok(Some(Irq {
-        intid,
-        edge: flags & 0xf == 1,
-    }))
+    let all: &[u8] = prop.value;
+    ensure!(
+        !all.is_empty() && all.len().is_multiple_of(4 * ncells),
+        "{}: interrupts is not a list of {ncells}-cell specifiers",
+        node.name
+    );
+    for chunk in all.chunks_exact(4 * ncells) {
+        let mut c = cells(chunk);
+        let spec = [0; 3].map(|_| c.next().unwrap_or(0));
+        f(decode(node, spec, "interrupts")?);
+    }
+    Ok(())
+}
+
+/// The GIC's `#address-cells` (the parent unit address in an `interrupt-map` naming it) and
+/// `#interrupt-cells`, if phandle `ph` is the GIC's.
+pub fn gic_map_cells(fdt: &Fdt<'_>, ph: u32) -> Result<Option<(usize, usize)>, Msg> {
+    let gic = gic_node(fdt)?;
+    if phandle(gic) != Some(ph) {
+        return Ok(None);
+    }
+    let addr = gic
+        .property("#address-cells")
+        .and_then(|p| p.as_usize())
+        .unwrap_or(0);
+    Ok(Some((addr, gic.interrupt_cells().unwrap_or(0))))
+}
+
+/// The SPI of an `interrupt-map` parent specifier (`#interrupt-cells` cells) naming the GIC.
+pub fn map_spi(node: FdtNode<'_, '_>, spec: &[u32]) -> Result<Irq, Msg> {
+    ensure!(
+        (3..=4).contains(&spec.len()),
+        "{}: interrupt-map names the GIC with {} interrupt cells",
+        node.name,
+        spec.len()
+    );
+    decode(node, [spec[0], spec[1], spec[2]], "interrupt-map")
 }
 
 macro_rules! icc_read {
@@ -189,6 +248,7 @@ icc_read!(icc_igrpen1_el1, "icc_igrpen1_el1");
 icc_write!(set_icc_igrpen1_el1, "icc_igrpen1_el1");
 icc_read!(icc_iar1_el1, "icc_iar1_el1");
 icc_write!(set_icc_eoir1_el1, "icc_eoir1_el1");
+icc_write!(set_icc_sgi1r_el1, "icc_sgi1r_el1");
 
 /// Acknowledges the highest-priority pending Group 1 interrupt: its INTID, or [`SPURIOUS`]
 /// (or another special INTID, 1020..=1022) when there is none. Every other value must be ended
@@ -200,6 +260,11 @@ pub fn ack() -> u32 {
 /// Ends an acknowledged interrupt (priority drop and, with EOImode = 0, deactivation).
 pub fn eoi(intid: u32) {
     set_icc_eoir1_el1(u64::from(intid));
+}
+
+/// Generates SGIs: writes `value` to ICC_SGI1R_EL1 (INTID, target list or IRM, affinity).
+pub fn send_sgi1r(value: u64) {
+    set_icc_sgi1r_el1(value);
 }
 
 /// Whether `intid` is one of the special INTIDs (1020..=1023): nothing was acknowledged.

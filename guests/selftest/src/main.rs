@@ -18,7 +18,9 @@
 //!   standard checks plus the DMA checks (`dma.rs`: an SMMUv3 and QEMU's
 //!   `edu` PCI device, which must be given with
 //!   `-device edu,dma_mask=0xffffffffffffffff`), then the hostile-guest SMMU
-//!   checks (`hostile.rs`), then `smmu-irq` (`smmu_irq.rs`: the SMMU's
+//!   checks (`hostile.rs`), then `gic-hostile` (`gic_hostile.rs`: nonsense
+//!   written to the GIC reaches only the VM's own interrupts; skipped with
+//!   `selftest.bare`), then `smmu-irq` (`smmu_irq.rs`: the SMMU's
 //!   interrupts through the GIC). When the DT has an emulated power controller
 //!   (`hyp,gdsc-controller`), its domain 0 (the edu) is voted on first;
 //! * `selftest.power`: the DMA checks (as `selftest.dma`) and then
@@ -75,6 +77,8 @@ mod edu;
 mod exception;
 #[cfg(selftest_guest)]
 mod gic;
+#[cfg(selftest_guest)]
+mod gic_hostile;
 #[cfg(selftest_guest)]
 mod hostile;
 #[cfg(selftest_guest)]

@@ -47,9 +47,12 @@ macro_rules! mmio_write {
 }
 
 // Byte, halfword and word accesses take a W register; `ldrb`/`ldrh`/`ldr w` zero-extend.
+// Doubleword accesses take an X register.
 mmio_read!(read8, u8, "ldrb {v:w}, [{a}]");
 mmio_read!(read16, u16, "ldrh {v:w}, [{a}]");
 mmio_read!(read32, u32, "ldr {v:w}, [{a}]");
+mmio_read!(read64, u64, "ldr {v:x}, [{a}]");
+mmio_write!(write8, u8, "strb {v:w}, [{a}]");
 mmio_write!(write16, u16, "strh {v:w}, [{a}]");
 mmio_write!(write32, u32, "str {v:w}, [{a}]");
 mmio_write!(write64, u64, "str {v:x}, [{a}]");

@@ -4,9 +4,11 @@
 //!
 //! Where it runs: after the hostile checks (`hostile.rs`, which end with `dma-after-hostile`),
 //! so the edu's stream has its good stage-1 STE again, the command queue is empty with no error
-//! active, and every earlier event was drained; before `smmu-power-cycle`, which, like every
-//! check before this one, polls with the SMMU's interrupts off. This check leaves them off
-//! again whatever happened.
+//! active, and every earlier event was drained; after `gic-hostile` (`gic_hostile.rs`), which
+//! hammered every GIC register and left the SMMU's SPIs disabled, idle and routed to this vCPU
+//! (so this check also shows the hypervisor's physical event-queue interrupt survived that);
+//! before `smmu-power-cycle`, which, like every check before this one, polls with the SMMU's
+//! interrupts off. This check leaves them off again whatever happened.
 //!
 //! 1. The GIC (`gic.rs`): distributor, this vCPU's redistributor, CPU interface; the SMMU
 //!    node's `eventq`, `gerror` and (where `interrupt-names` has it) `cmdq-sync` SPIs enabled,

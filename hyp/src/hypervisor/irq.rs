@@ -326,12 +326,31 @@ pub fn record_owners(vms: &[Vm]) -> Result<(), (u32, usize, usize)> {
     Ok(())
 }
 
+/// This CPU's entry.
+fn this_cpu() -> Option<&'static super::PerCpu> {
+    let me = sysreg::mpidr();
+    CPUS.get()?.iter().find(|c| c.mpidr == me)
+}
+
 /// The VM and vCPU this CPU runs, if any.
 fn current_vcpu() -> Option<(&'static Vm, usize)> {
-    let me = sysreg::mpidr();
-    let cpu = CPUS.get()?.iter().find(|c| c.mpidr == me)?;
-    let (vm, v) = cpu.owner?;
+    let (vm, v) = this_cpu()?.owner?;
     Some((&VMS.get()?[vm], v))
+}
+
+/// Right after a list-register flush: deactivates the maintenance interrupt taken since the
+/// last one. Its cause (ICH_MISR) lasts until the flush rewrites the list registers and
+/// ICH_HCR_EL2, and the PPI is level-sensitive: deactivated any earlier, it would be taken again
+/// at once, forever, and starve every lower-priority interrupt of this CPU (the hypervisor's
+/// SMMU events among them).
+pub fn maintenance_done() {
+    if let Some(cpu) = this_cpu()
+        && cpu
+            .maintenance_active
+            .swap(false, core::sync::atomic::Ordering::Relaxed)
+    {
+        gic::deactivate(MAINTENANCE_PPI);
+    }
 }
 
 /// Handles the physical interrupts pending on this CPU (taken from a guest or at EL2).
@@ -342,7 +361,17 @@ pub fn handle_irq() {
             return;
         }
         match intid {
-            gic::SGI_KICK | MAINTENANCE_PPI => gic::eoi(intid),
+            gic::SGI_KICK => gic::eoi(intid),
+            // Priority drop only; deactivated after the next flush (`maintenance_done`).
+            MAINTENANCE_PPI => {
+                gic::eoi_forwarded(intid);
+                match this_cpu() {
+                    Some(cpu) => cpu
+                        .maintenance_active
+                        .store(true, core::sync::atomic::Ordering::Relaxed),
+                    None => gic::deactivate(intid),
+                }
+            }
             _ if Some(intid) == super::MACHINE.get().map(hyp_timer_intid) => {
                 platform::hyp_timer_stop();
                 gic::eoi(intid);

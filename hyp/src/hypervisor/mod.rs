@@ -156,6 +156,9 @@ pub struct PerCpu {
     /// (VM index, vCPU index) this pCPU runs, if any.
     pub owner: Option<(usize, usize)>,
     pub online: AtomicBool,
+    /// The vGIC maintenance interrupt was taken and left active (its cause goes only with the
+    /// next list-register flush; see `irq::handle_irq`).
+    pub maintenance_active: AtomicBool,
 }
 
 /// The guest console lines go to the hypervisor console.
@@ -367,6 +370,7 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
                 mpidr: c.mpidr,
                 owner,
                 online: AtomicBool::new(false),
+                maintenance_active: AtomicBool::new(false),
             })
             .collect()
     });
@@ -1337,6 +1341,7 @@ fn run_until_off(vm: &Vm, v: usize, regs: &mut GuestRegs) -> bool {
             return false;
         }
         vm.vgic.flush(v, lrs);
+        irq::maintenance_done();
         // SAFETY: configured for this VM in `run_vcpu`; TPIDR_EL2 points at `regs`.
         let reason = unsafe { enter_guest(regs) };
         vm.vgic.sync(v, lrs);

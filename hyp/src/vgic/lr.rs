@@ -416,7 +416,11 @@ impl Vgic {
                 };
                 if let Some((lr, left)) = got {
                     leftover |= left;
-                    placed_pending += usize::from(lr.state.pending());
+                    // The hardware's "no pending" maintenance condition (NPIE) counts only LRs in the
+                    // plain Pending state, not Pending+Active: count the same way, or a vCPU with
+                    // only pending+active entries placed takes a maintenance interrupt on every
+                    // entry and never runs.
+                    placed_pending += usize::from(lr.state == LrState::Pending);
                     inner.shadow.intids[placed] = intid;
                     regs[placed] = Some(lr);
                     placed += 1;

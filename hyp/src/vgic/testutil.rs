@@ -287,7 +287,7 @@ impl GuestCpu {
         if self.hcr & ICH_HCR_UIE != 0 && valid <= 1 {
             misr |= ICH_MISR_U;
         }
-        if self.hcr & ICH_HCR_NPIE != 0 && !lrs.iter().any(|l| l.state.pending()) {
+        if self.hcr & ICH_HCR_NPIE != 0 && !lrs.iter().any(|l| l.state == LrState::Pending) {
             misr |= ICH_MISR_NP;
         }
         misr

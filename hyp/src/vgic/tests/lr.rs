@@ -580,3 +580,32 @@ fn new_physical_occurrence_before_sync_is_not_lost() {
             .all(|c| !matches!(c, PhysCall::Deactivate(..)))
     );
 }
+
+/// Every list register holds a pending+active interrupt and more wait: the hardware's "no
+/// pending" maintenance condition counts only plain Pending entries, so asking for it (NPIE)
+/// here would raise a maintenance interrupt on every entry and the vCPU would never run. (A
+/// guest gets there by making its SPIs active through GICD_ISACTIVER, then pending.)
+#[test]
+fn pending_active_list_registers_do_not_trap_on_entry() {
+    let spis: Vec<_> = (41..=45).map(|i| virt(i, true)).collect();
+    let vm = Vm::new(1, &spis);
+    let mut cpu = GuestCpu::new(4);
+    vm.enable_grp1();
+    let bits: u32 = (41..=45).map(|i| 1u32 << (i % 32)).sum();
+    for i in 41..=45 {
+        vm.setup_spi(i, 0x80, 0);
+    }
+    // GICD_ISACTIVER1, then GICD_ISPENDR1: five SPIs pending and active at once.
+    vm.gicd_write(0x304, bits);
+    vm.gicd_write(0x204, bits);
+    vm.vgic.flush(0, &mut cpu);
+    let placed = cpu.valid();
+    assert_eq!(placed.len(), 4);
+    assert!(placed.iter().all(|l| l.state == LrState::PendingActive));
+    assert_eq!(
+        cpu.hcr & ICH_HCR_NPIE,
+        0,
+        "no NPIE without a plain pending entry"
+    );
+    assert_eq!(cpu.misr(), 0, "no maintenance interrupt on entry");
+}
