@@ -40,8 +40,8 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyp::mm::stage2::backend::smmuv3::{OP_SYNC, OP_TLBI_S2_IPA, tlbi_s2_ipa};
@@ -176,35 +176,19 @@ impl Subject {
 
 /// Runs `threads` threads doing operations for `dur`; returns operations per second.
 fn run_once(subject: &Subject, threads: usize, dur: Duration) -> f64 {
-    let stop = AtomicBool::new(false);
-    let start = Barrier::new(threads + 1);
-    let total = AtomicUsize::new(0);
-    let mut elapsed = Duration::ZERO;
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (stop, start, total) = (&stop, &start, &total);
-            s.spawn(move || {
-                let mut n = 0u64;
-                let mut cmds = [[0u64; 2]; TLBIS];
-                start.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    for (j, c) in cmds.iter_mut().enumerate() {
-                        let ipa = ((n * TLBIS as u64 + j as u64) % 4096) << 12;
-                        *c = tlbi_s2_ipa(t as u16 + 1, ipa, true, 0, None);
-                    }
-                    subject.op(&cmds);
-                    n += 1;
-                }
-                total.fetch_add(n as usize, Ordering::Relaxed);
-            });
+    common::timed_threads(threads, dur, |t, stop| {
+        let mut n = 0u64;
+        let mut cmds = [[0u64; 2]; TLBIS];
+        while !stop.load(Ordering::Relaxed) {
+            for (j, c) in cmds.iter_mut().enumerate() {
+                let ipa = ((n * TLBIS as u64 + j as u64) % 4096) << 12;
+                *c = tlbi_s2_ipa(t as u16 + 1, ipa, true, 0, None);
+            }
+            subject.op(&cmds);
+            n += 1;
         }
-        start.wait();
-        let t0 = Instant::now();
-        std::thread::sleep(dur);
-        stop.store(true, Ordering::Relaxed);
-        elapsed = t0.elapsed();
-    });
-    total.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+        n
+    })
 }
 
 /// One configuration and its measurements.

@@ -19,9 +19,9 @@ mod common;
 
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use hyp::power::PowerError;
 use hyp::power::rpm::{Domain, PowerOps};
@@ -98,49 +98,26 @@ fn run(which: Impl, threads: usize, secs: f64) -> f64 {
             last_idle: 0,
         }),
     });
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let hs: Vec<_> = (0..threads)
-        .map(|_| {
-            let (dom, mtx, stop, total, barrier) = (
-                dom.clone(),
-                mtx.clone(),
-                stop.clone(),
-                total.clone(),
-                barrier.clone(),
-            );
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..256 {
-                        match which {
-                            Impl::LockFree => drop(black_box(dom.get().unwrap())),
-                            Impl::Mutex => {
-                                mtx.get();
-                                black_box(&mtx);
-                                mtx.put();
-                            }
-                        }
+    let rate = common::timed_threads(threads, Duration::from_secs_f64(secs), |_, stop| {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..256 {
+                match which {
+                    Impl::LockFree => drop(black_box(dom.get().unwrap())),
+                    Impl::Mutex => {
+                        mtx.get();
+                        black_box(&mtx);
+                        mtx.put();
                     }
-                    n += 256;
                 }
-                total.fetch_add(n, Ordering::Relaxed);
-            })
-        })
-        .collect();
-    barrier.wait();
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().unwrap();
-    }
-    let dt = t0.elapsed().as_secs_f64();
+            }
+            n += 256;
+        }
+        n
+    });
     assert_eq!(dom.usage(), 0);
     assert_eq!(dom.stats().power_ups, 0, "the fast path never powers up");
-    total.load(Ordering::Relaxed) as f64 / dt
+    rate
 }
 
 fn main() {

@@ -27,9 +27,8 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use aarch64_paging::descriptor::Stage2Attributes;
 use aarch64_paging::idmap::IdMap;
@@ -222,33 +221,15 @@ fn ipa(size: u64, t: usize, i: u64) -> u64 {
 
 /// Runs `threads` threads doing operations for `dur`; returns operations per second.
 fn run_once(subject: &Subject, size: u64, threads: usize, dur: Duration) -> f64 {
-    let stop = AtomicBool::new(false);
-    let start = Barrier::new(threads + 1);
-    let total = AtomicUsize::new(0);
-    let mut elapsed = Duration::ZERO;
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (stop, start, total) = (&stop, &start, &total);
-            s.spawn(move || {
-                let mut gather = TlbGather::new();
-                let mut n = 0u64;
-                start.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    subject.op(ipa(size, t, n), size, &mut gather);
-                    n += 1;
-                }
-                total.fetch_add(n as usize, Ordering::Relaxed);
-            });
+    common::timed_threads(threads, dur, |t, stop| {
+        let mut gather = TlbGather::new();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            subject.op(ipa(size, t, n), size, &mut gather);
+            n += 1;
         }
-        start.wait();
-        let t0 = Instant::now();
-        std::thread::sleep(dur);
-        stop.store(true, Ordering::Relaxed);
-        elapsed = t0.elapsed();
-    });
-    // The threads finish their last operation after `stop`: count them over the time they
-    // really ran (a few microseconds more than `elapsed`; negligible at 0.5 s).
-    total.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+        n
+    })
 }
 
 /// One configuration and its measurements.

@@ -35,6 +35,28 @@ pub struct Scenario {
     pub timeout: Duration,
 }
 
+/// The DMA, SMMU and GIC checks the `smp` test requires of both VMs, at once (separate CPUs and
+/// edus): DMA through each VM's emulated SMMU; what a hostile guest writes to its SMMU is
+/// contained, reported as hardware would, and its DMA works again afterwards; whatever it writes
+/// to its virtual GIC (every SPI register, reserved offsets, other redistributors, SGIs to
+/// foreign affinities) touches only its own interrupts, which `smmu-irq` (the emulated SMMU's
+/// event queue, GERROR and CMD_SYNC interrupts through the virtual GIC) then proves by needing
+/// the hypervisor's own SMMU interrupt.
+const SMP_DMA_CHECKS: [&str; 12] = [
+    "dma-s1",
+    "dma-unmap",
+    "dma-bypass",
+    "dma-bypass-isolation",
+    "smmu-foreign-sid",
+    "smmu-bad-ste",
+    "smmu-cd-outside",
+    "smmu-strtab-locked",
+    "smmu-garbage-cmdq",
+    "dma-after-hostile",
+    "gic-hostile",
+    "smmu-irq",
+];
+
 /// All scenarios, in the order they run.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -48,29 +70,7 @@ pub const SCENARIOS: &[Scenario] = &[
             c.contains("[vm1] selftest: ALL PASS");
             c.contains("[vm0] selftest: PASS stage2-remap");
             c.contains("[vm1] selftest: PASS stage2-remap");
-            // DMA through each VM's emulated SMMU, both VMs at once (separate CPUs and edus).
-            for check in [
-                "dma-s1",
-                "dma-unmap",
-                "dma-bypass",
-                "dma-bypass-isolation",
-                // What a hostile guest writes to its SMMU is contained, reported as hardware
-                // would, and its DMA works again afterwards.
-                "smmu-foreign-sid",
-                "smmu-bad-ste",
-                "smmu-cd-outside",
-                "smmu-strtab-locked",
-                "smmu-garbage-cmdq",
-                "dma-after-hostile",
-                // Whatever a guest writes to its virtual GIC (every SPI register, reserved
-                // offsets, other redistributors, SGIs to foreign affinities) touches only its
-                // own interrupts; `smmu-irq` then proves the hypervisor's own SMMU interrupt
-                // still works.
-                "gic-hostile",
-                // The emulated SMMU's event queue, GERROR and CMD_SYNC interrupts reach the
-                // guest through its virtual GIC.
-                "smmu-irq",
-            ] {
+            for check in SMP_DMA_CHECKS {
                 c.contains(&format!("[vm0] selftest: PASS {check}"));
                 c.contains(&format!("[vm1] selftest: PASS {check}"));
             }
@@ -396,28 +396,15 @@ mod tests {
 
     #[test]
     fn smp_checks() {
-        let dma: String = [
-            "dma-s1",
-            "dma-unmap",
-            "dma-bypass",
-            "dma-bypass-isolation",
-            "smmu-foreign-sid",
-            "smmu-bad-ste",
-            "smmu-cd-outside",
-            "smmu-strtab-locked",
-            "smmu-garbage-cmdq",
-            "dma-after-hostile",
-            "gic-hostile",
-            "smmu-irq",
-        ]
-        .iter()
-        .flat_map(|c| {
-            [
-                format!("[vm0] selftest: PASS {c}\n"),
-                format!("[vm1] selftest: PASS {c}\n"),
-            ]
-        })
-        .collect();
+        let dma: String = SMP_DMA_CHECKS
+            .iter()
+            .flat_map(|c| {
+                [
+                    format!("[vm0] selftest: PASS {c}\n"),
+                    format!("[vm1] selftest: PASS {c}\n"),
+                ]
+            })
+            .collect();
         let good = &(dma
             + "hyp: vm0: vSMMU traps: 1\nhyp: SMMU power: 1 power-ups, 0 power-on errors\n[vm0] selftest: PASS stage2-remap\r\n[vm1] selftest: PASS stage2-remap\r\n[vm0] selftest: ALL PASS (9 checks)\r\n[vm1] selftest: ALL PASS (9 checks)\r\nhyp: all VMs stopped, exit status 0\r\n");
         assert!(failures("smp", &outcome(good, 0)).is_empty());

@@ -6,6 +6,9 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// True when run without `--bench` (as `cargo test --benches` does): smoke-test only.
 pub fn smoke() -> bool {
@@ -65,4 +68,33 @@ pub fn write_json(prefix: &str, name: &str, json: &str) {
     }
     std::fs::write(&path, json).expect("write the JSON");
     println!("JSON: {}", path.display());
+}
+
+/// Runs `worker(t, stop)` on `threads` threads from a common start for `dur`, then sets `stop`;
+/// each worker loops until it sees `stop` and returns how many operations it did. Returns
+/// operations per second over `dur` (the workers finish their last operation a few
+/// microseconds later: negligible at these run lengths).
+pub fn timed_threads<F>(threads: usize, dur: Duration, worker: F) -> f64
+where
+    F: Fn(usize, &AtomicBool) -> u64 + Sync,
+{
+    let stop = AtomicBool::new(false);
+    let start = Barrier::new(threads + 1);
+    let total = AtomicU64::new(0);
+    let mut elapsed = Duration::ZERO;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (stop, start, total, worker) = (&stop, &start, &total, &worker);
+            s.spawn(move || {
+                start.wait();
+                total.fetch_add(worker(t, stop), Ordering::Relaxed);
+            });
+        }
+        start.wait();
+        let t0 = Instant::now();
+        std::thread::sleep(dur);
+        stop.store(true, Ordering::Relaxed);
+        elapsed = t0.elapsed();
+    });
+    total.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
 }

@@ -338,13 +338,15 @@ fn current_vcpu() -> Option<(&'static Vm, usize)> {
     Some((&VMS.get()?[vm], v))
 }
 
-/// Right after a list-register flush: deactivates the maintenance interrupt taken since the
-/// last one. Its cause (ICH_MISR) lasts until the flush rewrites the list registers and
-/// ICH_HCR_EL2, and the PPI is level-sensitive: deactivated any earlier, it would be taken again
-/// at once, forever, and starve every lower-priority interrupt of this CPU (the hypervisor's
-/// SMMU events among them).
-pub fn maintenance_done() {
-    if let Some(cpu) = this_cpu()
+/// Right after a list-register flush on `cpu` (this CPU): deactivates the maintenance interrupt
+/// taken since the last one. Its cause (ICH_MISR) lasts until the flush rewrites the list
+/// registers and ICH_HCR_EL2, and the PPI is level-sensitive: deactivated any earlier, it would be
+/// taken again at once, forever, and starve every lower-priority interrupt of this CPU (the
+/// hypervisor's SMMU events among them). One relaxed load per guest entry when nothing is due.
+pub fn maintenance_done(cpu: &super::PerCpu) {
+    if cpu
+        .maintenance_active
+        .load(core::sync::atomic::Ordering::Relaxed)
         && cpu
             .maintenance_active
             .swap(false, core::sync::atomic::Ordering::Relaxed)

@@ -341,8 +341,7 @@ extern "C" fn primary_main(dtb: u64, load_base: u64) -> ! {
     if let Err((spi, a, b)) = irq::record_owners(&vms) {
         fatal(format_args!(
             "INTID {spi} would be forwarded to two VMs ({} and {}): give PCI functions that share an INTx line to one VM",
-            b_name(&vms, a),
-            b_name(&vms, b)
+            vms[a].config.name, vms[b].config.name
         ));
     }
     SID_OWNERS.call_once(|| {
@@ -844,10 +843,6 @@ fn route_event(ev: crate::smmu::v3::event::Event) {
     }
 }
 
-fn b_name(vms: &[Vm], i: usize) -> &'static str {
-    vms[i].config.name
-}
-
 fn create_vms(machine: &Machine, host_dtb: &[u8]) -> Vec<Vm> {
     let mut used = alloc::vec![false; machine.cpus.len()];
     // One allocator for every VM's BARs, so they never overlap.
@@ -1336,12 +1331,13 @@ fn wait_for_cpu_on(vm: &Vm, v: usize) -> Option<(u64, u64)> {
 /// Runs the guest until CPU_OFF (true) or until the VM stops (false).
 fn run_until_off(vm: &Vm, v: usize, regs: &mut GuestRegs) -> bool {
     let lrs = &mut irq::HwLrs::new();
+    let cpu = &CPUS.get().expect("CPUs")[vm.pcpus[v]];
     loop {
         if vm.state.stopped().is_some() {
             return false;
         }
         vm.vgic.flush(v, lrs);
-        irq::maintenance_done();
+        irq::maintenance_done(cpu);
         // SAFETY: configured for this VM in `run_vcpu`; TPIDR_EL2 points at `regs`.
         let reason = unsafe { enter_guest(regs) };
         vm.vgic.sync(v, lrs);
@@ -1537,32 +1533,32 @@ fn test_call(vm: &Vm, call: HypTestCall, regs: &mut GuestRegs) -> u64 {
     if !vm.config.test_services {
         return hyptest::NOT_SUPPORTED;
     }
-    let (HypTestCall::Unmap { ipa, size } | HypTestCall::Map { ipa, size }) = call else {
-        return match power::stats().filter(|_| vm.vsmmu.is_some()) {
-            Some(s) => {
-                regs.x[1] = s.power_downs;
-                regs.x[2] = s.power_ups;
-                regs.x[3] = s.tlbi_skipped;
-                0
-            }
-            None => hyptest::NOT_SUPPORTED,
-        };
+    let (ipa, size, unmap) = match call {
+        HypTestCall::Unmap { ipa, size } => (ipa, size, true),
+        HypTestCall::Map { ipa, size } => (ipa, size, false),
+        HypTestCall::PowerStats => {
+            let Some(s) = power::stats().filter(|_| vm.vsmmu.is_some()) else {
+                return hyptest::NOT_SUPPORTED;
+            };
+            regs.x[1] = s.power_downs;
+            regs.x[2] = s.power_ups;
+            regs.x[3] = s.tlbi_skipped;
+            return 0;
+        }
     };
     let Some(pa) = hyptest::backing(vm.config.memory, ipa, size) else {
         return hyptest::INVALID_PARAMETERS;
     };
-    let result = match call {
-        HypTestCall::Unmap { .. } => vm
-            .stage2
+    let result = if unmap {
+        vm.stage2
             .unmap_sync(ipa, size)
             .map(|_| ())
-            .map_err(|e| alloc::format!("{e}")),
-        HypTestCall::Map { .. } => vm
-            .stage2
+            .map_err(|e| alloc::format!("{e}"))
+    } else {
+        vm.stage2
             .table
             .map(ipa, pa, size, Attrs::RWX)
-            .map_err(|e| alloc::format!("{e}")),
-        HypTestCall::PowerStats => unreachable!("answered above"),
+            .map_err(|e| alloc::format!("{e}"))
     };
     match result {
         Ok(()) => {
